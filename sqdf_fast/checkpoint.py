@@ -1,0 +1,55 @@
+"""Atomic run checkpoints: adapter weights (safetensors) plus optimizer, RNG, buffer and step state.
+
+A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so `checkpoint/` (or, during the swap,
+`checkpoint.prev/`) is always a complete one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+ADAPTER = "adapter.safetensors"
+STATE = "state.pt"
+
+
+def _write(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save(run_dir: Path, adapter: dict, state: dict) -> Path:
+    final, tmp, prev = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.prev"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write(tmp / ADAPTER, lambda p: save_file({k: v.cpu() for k, v in adapter.items()}, str(p)))
+    _write(tmp / STATE, lambda p: torch.save(state, p))
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        final.rename(prev)
+    tmp.rename(final)
+    shutil.rmtree(prev, ignore_errors=True)
+    return final
+
+
+def load(run_dir: Path, map_location: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(adapter, state) of the run's checkpoint; ValueError with the reason when missing or unreadable."""
+    folder = run_dir / "checkpoint"
+    if not folder.is_dir() and (run_dir / "checkpoint.prev").is_dir():
+        folder = run_dir / "checkpoint.prev"   # interrupted during the swap: the previous one is complete
+    if not folder.is_dir():
+        raise ValueError(f"resume={str(run_dir)!r}: no checkpoint/ folder")
+    try:
+        adapter = {k: v.to(map_location) for k, v in load_file(str(folder / ADAPTER)).items()}
+        state = torch.load(folder / STATE, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError) as err:
+        raise ValueError(f"resume={str(run_dir)!r}: checkpoint is unreadable ({type(err).__name__}: {err})") from err
+    missing = {"step", "optimizer", "generator", "buffer", "base_metrics", "guard"} - set(state)
+    if missing:
+        raise ValueError(f"resume={str(run_dir)!r}: checkpoint lacks {', '.join(sorted(missing))}")
+    return adapter, state

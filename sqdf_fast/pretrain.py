@@ -1,0 +1,203 @@
+"""Train the digits task's networks from scratch: `python -m sqdf_fast.pretrain --out DIR`.
+
+Seeded and reproducible on the CPU. Trains, in order: the reward classifier, the evaluator (another architecture and
+seed), the class-conditional base diffusion model (with EMA) and the consistency model distilled from it; then
+measures the consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples.
+Writes float16 safetensors, `pretrain_report.json` (settings, losses, measurements, wall time) and
+`pretrain_samples.png` into DIR. The shipped weights in sqdf_fast/weights/digits/ were made by the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from sqdf_fast.consistency import ConsistencyModel, distill
+from sqdf_fast.metrics import per_class_diversity, per_class_fd
+from sqdf_fast.ops import reference
+from sqdf_fast.plots import save_grid
+from sqdf_fast.rollout import guided_eps, rollout
+from sqdf_fast.schedule import DDIMSchedule
+from sqdf_fast.tasks import digits
+
+
+def augment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Random shifts of up to one pixel, so the classifiers do not key on exact positions."""
+    padded = F.pad(images, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()
+    return padded[..., dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
+
+
+def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, val: tuple[Tensor, Tensor], steps: int,
+                     seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (128,), generator=generator)
+        loss = F.cross_entropy(model(augment(images[idx], generator)), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(val[0]).argmax(-1) == val[1]).float().mean())
+    return {"steps": steps, "final_loss": float(loss), "val_accuracy": accuracy}
+
+
+def train_base(unet: nn.Module, images: Tensor, labels: Tensor, schedule: DDIMSchedule, steps: int, batch: int,
+               lr: float, seed: int, log) -> tuple[nn.Module, list[float]]:
+    """Epsilon-prediction DDPM training with 10% null-class dropout; returns the EMA model and the loss history."""
+    generator = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    alphas = schedule.alphas_cumprod
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch,), generator=generator)
+        x0, cond = images[idx], labels[idx].clone()
+        cond[torch.rand(batch, generator=generator) < 0.1] = digits.NULL_CLASS
+        t = torch.randint(0, alphas.shape[0], (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = reference.per_sample(alphas[t], x0)
+        loss = F.mse_loss(digits.unet_eps(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
+        losses.append(float(loss))
+        log("base", step, losses[-1])
+    return ema.eval(), losses
+
+
+@torch.no_grad()
+def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evaluator: nn.Module, images: Tensor,
+            labels: Tensor, schedule: DDIMSchedule, guidance: float, seed: int) -> tuple[dict, Tensor]:
+    """The consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(images.shape[0], generator=generator)[:512]
+    x0, cond = images[idx], labels[idx]
+    denoiser = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
+                                          torch.full_like(c, digits.NULL_CLASS), guidance)
+    accuracy = lambda x: float((classifier(x).argmax(-1) == cond).float().mean())
+    by_noise = []
+    for t_value in (951, 751, 501, 251, 51):
+        t = torch.full((x0.shape[0],), t_value)
+        a = schedule.alphas_cumprod[t_value]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
+        tweedie = reference.tweedie_x0(x_t, denoiser(x_t, t, cond), a)
+        one_step = cm(x_t, t, cond)
+        by_noise.append({"t": t_value, "alpha_bar": float(a),
+                         "mse_tweedie": float((tweedie - x0).square().mean()),
+                         "mse_consistency": float((one_step - x0).square().mean()),
+                         "reward_accuracy_tweedie": accuracy(tweedie),
+                         "reward_accuracy_consistency": accuracy(one_step)})
+    eval_cond = torch.arange(digits.NUM_CLASSES).repeat_interleave(50)
+    x_T = torch.randn((eval_cond.shape[0], *images.shape[1:]), generator=generator)
+    _, multi_step, _ = rollout(denoiser, schedule, x_T, eval_cond, 1.0, generator)
+    first_t = schedule.timesteps[0].expand(eval_cond.shape[0])
+    one_step = cm(x_T, first_t, eval_cond)
+    real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
+    samples = {}
+    for name, x in (("ddim_%d_steps" % schedule.num_steps, multi_step), ("consistency_1_step", one_step)):
+        feats = evaluator.features(x)
+        samples[name] = {"fd": per_class_fd(feats, eval_cond, real),
+                         "diversity": per_class_diversity(feats, eval_cond),
+                         "reward": float(digits.reward_fn(classifier)(x, eval_cond).mean())}
+    real_feats = evaluator.features(images)
+    samples["real_data"] = {"diversity": per_class_diversity(real_feats, labels),
+                            "reward": float(digits.reward_fn(classifier)(images, labels).mean())}
+    grid = torch.cat([multi_step.view(10, 50, 1, 16, 16)[:, :8], one_step.view(10, 50, 1, 16, 16)[:, :8]], 1)
+    return {"x0_estimate_by_noise_level": by_noise, "samples": samples}, grid.flatten(0, 1)
+
+
+def save_fp16(module: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(digits.WEIGHTS_DIR), help="output folder (default: the shipped weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-steps", type=int, default=3000)
+    parser.add_argument("--base-batch", type=int, default=64)
+    parser.add_argument("--base-lr", type=float, default=1e-3)
+    parser.add_argument("--cm-steps", type=int, default=1500)
+    parser.add_argument("--cm-batch", type=int, default=64)
+    parser.add_argument("--cm-lr", type=float, default=1e-4)
+    parser.add_argument("--cm-guidance", type=float, default=1.0, help="teacher guidance baked into the CM")
+    parser.add_argument("--classifier-steps", type=int, default=1500)
+    parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the multi-step comparison")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    torch.manual_seed(args.seed)
+    images, labels = digits.load_data()
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    train_idx, val_idx = perm[:1500], perm[1500:]
+    val = (images[val_idx], labels[val_idx])
+    report = {"args": vars(args), "torch": torch.__version__}
+
+    def log(stage: str, step: int, loss: float) -> None:
+        if step % 250 == 0:
+            print(f"[{time.time() - start:6.0f}s] {stage} step {step} loss {loss:.4f}", flush=True)
+
+    torch.manual_seed(args.seed + 1)
+    classifier = digits.RewardClassifier()
+    report["reward"] = train_classifier(classifier, images[train_idx], labels[train_idx], val,
+                                        args.classifier_steps, args.seed + 1)
+    torch.manual_seed(args.seed + 2)
+    evaluator = digits.Evaluator()
+    report["evaluator"] = train_classifier(evaluator, images[train_idx], labels[train_idx], val,
+                                           args.classifier_steps, args.seed + 2)
+    print(f"reward classifier {report['reward']}\nevaluator {report['evaluator']}", flush=True)
+    classifier.requires_grad_(False)
+    evaluator.requires_grad_(False)
+
+    schedule = DDIMSchedule.build(digits.SCHEDULER_CONFIG, args.sample_steps)
+    torch.manual_seed(args.seed + 3)
+    base, base_losses = train_base(digits.build_unet(), images, labels, schedule, args.base_steps, args.base_batch,
+                                   args.base_lr, args.seed + 3, log)
+    base.requires_grad_(False)
+    report["base"] = {"loss_every_100": [sum(base_losses[i:i + 100]) / len(base_losses[i:i + 100])
+                                         for i in range(0, len(base_losses), 100)],
+                      "wall_s": round(time.time() - start, 1)}
+
+    cm = ConsistencyModel(copy.deepcopy(base).requires_grad_(True).train(), digits.unet_eps, schedule.alphas_cumprod)
+    teacher = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
+                                         torch.full_like(c, digits.NULL_CLASS), args.cm_guidance)
+    cm_losses = distill(teacher, cm, images, labels, schedule.alphas_cumprod, args.cm_steps, args.cm_batch,
+                        args.cm_lr, torch.Generator().manual_seed(args.seed + 4),
+                        log=lambda step, loss: log("consistency", step, loss))
+    cm.requires_grad_(False).eval()
+    report["consistency"] = {"loss_every_100": [sum(cm_losses[i:i + 100]) / len(cm_losses[i:i + 100])
+                                                for i in range(0, len(cm_losses), 100)]}
+    report["measurements"], grid = measure(base, cm, classifier, evaluator, images, labels, schedule,
+                                           args.cm_guidance, args.seed + 5)
+    save_grid(grid, out / "pretrain_samples.png", nrow=16)
+    save_fp16(base, out / "base_unet.safetensors")
+    save_fp16(cm.net, out / "consistency_unet.safetensors")
+    save_fp16(classifier, out / "reward.safetensors")
+    save_fp16(evaluator, out / "evaluator.safetensors")
+    report["wall_s"] = round(time.time() - start, 1)
+    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["measurements"], indent=1))
+    print(f"wrote {out} in {report['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Tasks are plug-ins: a base denoiser, an optional consistency model, a reward, an evaluator and conditions.
+
+A task is built by a function `make(cfg) -> Task`. Built-in: `digits`. Your own: `--task my_module:make_task`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Task:
+    name: str
+    unet: nn.Module                       # base epsilon model; the policy is this plus a LoRA adapter
+    eps: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]   # (unet, x, t, cond) -> epsilon
+    scheduler_config: dict                # a diffusers DDIMScheduler config (epsilon prediction)
+    sample_shape: tuple[int, ...]         # (C, H, W) of x
+    sample_conditions: Callable[[int, torch.Generator], Tensor]  # (n, generator) -> cond (n, ...)
+    null_condition: Callable[[Tensor], Tensor]                  # cond -> the unconditional cond, same shape
+    reward: Callable[[Tensor, Tensor], Tensor]    # (images, cond) -> (B,), differentiable in images
+    decode: Callable[[Tensor], Tensor]            # x0 -> images, differentiable
+    lora_targets: list[str]               # module names the policy LoRA attaches to
+    # x_t, t, cond -> x0 estimate in one step, differentiable in x_t; None if the task has no consistency model
+    consistency: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    # evaluation: features of images for diversity / Frechet distance, and real features per condition
+    features: Callable[[Tensor], Tensor] | None = None
+    real_features: Callable[[Tensor], dict] | None = None   # cond (n,) -> {class: (m, F) features}
+    eval_conditions: Callable[[int], Tensor] | None = None  # per_class -> a fixed list of conditions
+    frozen: list[nn.Module] = field(default_factory=list)   # every frozen network, for .to(device)
+
+    def to(self, device: torch.device) -> "Task":
+        for module in [self.unet, *self.frozen]:
+            module.to(device)
+        return self
+
+
+BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task"}
+
+
+def load_callable(reference: str, what: str) -> Callable:
+    """The object named by `module:function`; ValueError naming `what` when it cannot be loaded."""
+    module_name, _, func_name = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what}: cannot load {reference!r}: {err}") from err
+
+
+def resolve(name: str) -> Callable:
+    """The task factory for a built-in name or a `module:function` reference."""
+    target = BUILTIN.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"task: unknown task {name!r}; built-in tasks are {sorted(BUILTIN)} "
+                         "or give your own as module:function")
+    return load_callable(target, "task")

@@ -1,0 +1,153 @@
+"""The embedded default task: class-conditional 16x16 digits (scikit-learn's bundled set, offline).
+
+Networks, all trained by `python -m sqdf_fast.pretrain` and shipped in `sqdf_fast/weights/digits/`:
+- base: a diffusers UNet2DModel with class embeddings (10 digits + a null class for classifier-free guidance);
+- consistency: the same architecture, consistency-distilled from the base (one-step x0);
+- reward: a CNN classifier; r(x, c) = log p(c | x), how surely it reads the requested digit. Over-optimised, it
+  collapses each class to a few over-confident prototypes and then to off-manifold patterns: diversity falls and fd
+  rises, which the evaluator shows;
+- evaluator: an MLP of another architecture and seed, used only for metrics (its 32-d features).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from sqdf_fast.consistency import ConsistencyModel
+from sqdf_fast.tasks import Task
+
+NUM_CLASSES = 10
+NULL_CLASS = 10
+IMAGE_SIZE = 16
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
+WEIGHT_FILES = ("base_unet.safetensors", "consistency_unet.safetensors", "reward.safetensors",
+                "evaluator.safetensors")
+
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+    block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), num_class_embeds=NUM_CLASSES + 1,
+    norm_num_groups=8, attention_head_dim=32,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+LORA_TARGETS = ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"]
+
+
+def load_data() -> tuple[Tensor, Tensor]:
+    """All 1797 digits as (N, 1, 16, 16) float32 in [-1, 1] (bilinear upsampling of the 8x8 originals), labels (N,)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1) * 2 - 1, torch.from_numpy(digits.target).long()
+
+
+def build_unet() -> UNet2DModel:
+    return UNet2DModel(**UNET_CONFIG)
+
+
+def unet_eps(unet: nn.Module, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    return unet(x, t, class_labels=cond).sample
+
+
+class RewardClassifier(nn.Module):
+    """CNN digit classifier; the reward is its log-probability of the requested class."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.SiLU(), nn.Linear(128, NUM_CLASSES),
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
+class Evaluator(nn.Module):
+    """MLP digit classifier of a different architecture from the reward; its 32-d features serve the metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 128), nn.ReLU(),
+                                  nn.Linear(128, 32), nn.Tanh())
+        self.head = nn.Linear(32, NUM_CLASSES)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def load_weights(module: nn.Module, path: Path) -> nn.Module:
+    """Load a safetensors state dict (stored in float16) into `module` as float32, with a clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model: missing weight file {path} (regenerate with `python -m sqdf_fast.pretrain`)")
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"model: {path} does not match the expected architecture: {err}") from err
+    return module.requires_grad_(False).eval()
+
+
+def check_weights_dir(path: str | Path) -> Path:
+    path = Path(path)
+    missing = [name for name in WEIGHT_FILES if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"model: {path} lacks {', '.join(missing)} (make them with `python -m sqdf_fast.pretrain "
+                         f"--out {path}`)")
+    return path
+
+
+def reward_fn(classifier: RewardClassifier):
+    def reward(images: Tensor, cond: Tensor) -> Tensor:
+        return classifier(images).log_softmax(-1).gather(1, cond.view(-1, 1)).squeeze(1)
+    return reward
+
+
+def make_task(cfg) -> Task:
+    weights = check_weights_dir(cfg.model or WEIGHTS_DIR)
+    unet = load_weights(build_unet(), weights / "base_unet.safetensors")
+    from sqdf_fast.schedule import DDIMSchedule
+    alphas = DDIMSchedule.build(SCHEDULER_CONFIG, 1).alphas_cumprod
+    consistency = ConsistencyModel(load_weights(build_unet(), weights / "consistency_unet.safetensors"), unet_eps,
+                                   alphas).requires_grad_(False).eval()
+    classifier = load_weights(RewardClassifier(), weights / "reward.safetensors")
+    evaluator = load_weights(Evaluator(), weights / "evaluator.safetensors")
+    images, labels = load_data()
+
+    def real_features(cond: Tensor) -> dict:
+        device = next(evaluator.parameters()).device
+        with torch.no_grad():
+            feats = evaluator.features(images.to(device))
+        return {int(c): feats[labels.to(device) == c] for c in torch.unique(cond).tolist()}
+
+    return Task(
+        name="digits", unet=unet, eps=unet_eps, scheduler_config=SCHEDULER_CONFIG,
+        sample_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
+        sample_conditions=lambda n, generator: torch.randint(0, NUM_CLASSES, (n,), generator=generator,
+                                                             device=generator.device),
+        null_condition=lambda cond: torch.full_like(cond, NULL_CLASS),
+        reward=reward_fn(classifier), decode=lambda x0: x0, lora_targets=LORA_TARGETS,
+        consistency=consistency, features=evaluator.features, real_features=real_features,
+        eval_conditions=lambda per_class: torch.arange(NUM_CLASSES).repeat_interleave(per_class),
+        frozen=[consistency, classifier, evaluator],
+    )
+
+
+def read_report(path: str | Path = WEIGHTS_DIR) -> dict:
+    return json.loads((Path(path) / "pretrain_report.json").read_text())

@@ -1,0 +1,288 @@
+"""`python -m sqdf_fast.train`: fine-tune a diffusion model toward a reward with SQDF.
+
+Reads top to bottom: config -> task -> policy adapter, optimizer, buffer -> (resume | base evaluation) ->
+loop [rollout into the buffer, draw (trajectory, step) pairs, SQDF loss, guarded optimizer step, log, checkpoint]
+-> final evaluation, plots, summary. Nothing inside a training step reads a tensor value on the host: metrics
+stay on the device until a log line, and a non-finite loss is skipped on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sqdf_fast import checkpoint, config, tasks
+from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
+from sqdf_fast.buffer import ReplayBuffer
+from sqdf_fast.method import SQDF, sample_steps
+from sqdf_fast.metrics import per_class_diversity, per_class_fd
+from sqdf_fast.plots import save_curves, save_grid
+from sqdf_fast.rollout import rollout
+from sqdf_fast.schedule import DDIMSchedule
+
+EVAL_SEED_OFFSET = 99_991       # evaluation noise comes from its own generator: same seeds for base and final
+SUMMARY_KEYS = ("reward_base", "reward_final", "diversity_base", "diversity_final", "fd_base", "fd_final",
+                "kl_final", "steps", "wall_s")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rank_seed(seed: int) -> int:
+    """Each data-parallel rank draws its own noise."""
+    return seed + 1_000_003 * int(os.environ.get("RANK", "0"))
+
+
+def make_optimizer(params: list[Tensor], cfg: config.TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with its state created up front, so a skipped step can restore every state tensor."""
+    capturable = device.type == "cuda"   # keeps the step count on the device: no sync in guarded_step
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable)
+    for p in params:
+        optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device if capturable else "cpu"),
+                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    return optimizer
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+    """optimizer.step(), undone on the device when `finite` is False (a NaN/Inf loss skips the whole step)."""
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    saved = [t.detach().clone() for t in tensors]
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in zip(tensors, saved):
+            t.copy_(torch.where(finite, t, old))
+
+
+@torch.no_grad()
+def evaluate(method: SQDF, cfg: config.TrainConfig, device: torch.device, with_kl: bool) -> tuple[dict, Tensor]:
+    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; and the samples."""
+    task = method.task
+    cond = task.eval_conditions(cfg.eval_per_class).to(device)
+    generator = torch.Generator(device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+    x_T = torch.randn((cond.shape[0], *task.sample_shape), generator=generator, device=device)
+    _, x0, path_kl = rollout(method.policy_eps, method.schedule, x_T, cond, cfg.eta, generator,
+                             method.reference_eps if with_kl else None)
+    images = task.decode(x0)
+    features = task.features(images)
+    metrics = {"reward": float(task.reward(images, cond).mean()),
+               "diversity": per_class_diversity(features, cond),
+               "fd": per_class_fd(features, cond, task.real_features(cond)),
+               "kl": float(path_kl.mean()) if with_kl else 0.0}
+    return metrics, images
+
+
+def collect(method: SQDF, n: int, cfg: config.TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
+    """n fresh trajectories of the current policy (no grad) with their final rewards."""
+    task = method.task
+    cond = task.sample_conditions(n, generator)
+    x_T = torch.randn((n, *task.sample_shape), generator=generator, device=generator.device)
+    states, x0, _ = rollout(method.policy_eps, method.schedule, x_T, cond, cfg.eta, generator)
+    with torch.no_grad():
+        images = task.decode(x0)
+        reward = task.reward(images, cond)
+    return {"states": states, "cond": cond, "reward": reward, "images": images}
+
+
+def draw(micro: int, fresh: dict | None, buffer: ReplayBuffer | None, cfg: config.TrainConfig, num_steps: int,
+         generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One micro-batch of (x_j, j, cond, loss weight): from the buffer, or from this step's fresh trajectories."""
+    size = cfg.batch_size // cfg.grad_accum
+    n_traj = size // cfg.steps_per_trajectory
+    device = generator.device
+    if buffer is not None and cfg.buffer_sampler == "reward-gamma":
+        slots, j, weight = buffer.sample(size, "reward-gamma", generator, cfg.gamma, cfg.buffer_importance_weights)
+        return buffer.states[slots, j].float(), j, buffer.cond[slots], weight
+    if buffer is not None:
+        slots, _, _ = buffer.sample(n_traj, cfg.buffer_sampler, generator)
+        states, cond = buffer.states[slots], buffer.cond[slots]
+    else:
+        slots = torch.arange(micro * n_traj, (micro + 1) * n_traj, device=device)
+        states, cond = fresh["states"][slots], fresh["cond"][slots]
+    rows = torch.arange(n_traj, device=device).repeat_interleave(cfg.steps_per_trajectory)
+    j, weight = sample_steps(size, num_steps, cfg.step_sampler, cfg.gamma, generator, device)
+    return states[rows, j].float(), j, cond[rows], weight
+
+
+class Guard:
+    """Counts non-finite steps on the device; `check` (at log and checkpoint time) stops a run that keeps failing."""
+
+    def __init__(self, device: torch.device, limit: int):
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.limit, self.reported = limit, 0
+
+    def update(self, finite: Tensor) -> None:
+        self.total += (~finite).long()
+        self.streak = torch.where(finite, 0, self.streak + 1)
+
+    def check(self, step: int) -> int:
+        total, streak = int(self.total), int(self.streak)
+        if total > self.reported:
+            tqdm.write(f"warning: {total - self.reported} step(s) with a non-finite reward or loss skipped "
+                       f"before step {step} ({total} in all)", file=sys.stderr)
+            self.reported = total
+        if streak >= self.limit:
+            raise RuntimeError(f"{streak} non-finite steps in a row before step {step} (max_nonfinite_steps="
+                               f"{self.limit}); stopped, the last checkpoint is kept")
+        return total
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
+    start = time.time()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume is None and (out / "checkpoint").exists():
+        raise ValueError(f"out={str(out)!r} already holds a run: pass --resume {out} or choose another --out")
+    saved = checkpoint.load(out, device) if resume is not None else None   # fails before anything is written
+
+    task = tasks.resolve(cfg.task)(cfg).to(device)
+    if cfg.reward is not None:
+        task.reward = tasks.load_callable(cfg.reward, "reward")
+    schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
+    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    method = SQDF(task, schedule, cfg)
+    optimizer = make_optimizer(params, cfg, device)
+    generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed))
+    buffer = None
+    if cfg.buffer:
+        cond_example = task.sample_conditions(1, torch.Generator(device).manual_seed(0))
+        buffer = ReplayBuffer(cfg.buffer_size, cfg.sample_steps, task.sample_shape, tuple(cond_example.shape[1:]),
+                              cond_example.dtype, device, getattr(torch, cfg.buffer_dtype))
+    guard = Guard(device, cfg.max_nonfinite_steps)
+
+    if saved is not None:
+        adapter, state = saved
+        load_adapter_state_dict(task.unet, adapter)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu())
+        if buffer is not None:
+            buffer.load_state_dict(state["buffer"])
+        guard.total.fill_(state["guard"]["total"])
+        guard.streak.fill_(state["guard"]["streak"])
+        guard.reported = state["guard"]["total"]
+        first_step, base, wall_before = state["step"], state["base_metrics"], state["wall_s"]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [row for row in rows if row["step"] <= first_step]   # drop what the interrupted run logged later
+        print(f"resumed {out} at step {first_step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        base, base_images = evaluate(method, cfg, device, with_kl=False)
+        save_grid(base_images.view(-1, cfg.eval_per_class, *base_images.shape[1:])[:, :8].flatten(0, 1),
+                  out / "samples_base.png", nrow=8)
+        first_step, wall_before, rows = 0, 0.0, []
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics_file = open(out / "metrics.jsonl", "a")
+
+    def write_row(row: dict) -> None:
+        rows.append(row)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    def save_checkpoint(step: int) -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                 "buffer": buffer.state_dict() if buffer is not None else {}, "base_metrics": base,
+                 "guard": {"total": int(guard.total), "streak": int(guard.streak)},
+                 "wall_s": wall_before + time.time() - start}
+        checkpoint.save(out, adapter_state_dict(task.unet), state)
+
+    buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
+    print(f"task {task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {device} | "
+          f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma} | "
+          f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB | run dir {out}")
+    print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")
+
+    window: list[dict[str, Tensor]] = []
+    fresh = None
+    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, disable=not cfg.progress,
+               dynamic_ncols=True, desc="sqdf")
+    for step in bar:
+        if buffer is None or step % cfg.replay_ratio == 0:
+            n_new = cfg.rollout_batch if buffer is not None else cfg.batch_size // cfg.steps_per_trajectory
+            fresh = collect(method, n_new, cfg, generator)
+            if buffer is not None:
+                buffer.add(fresh["states"], fresh["cond"], fresh["reward"], step)
+        optimizer.zero_grad(set_to_none=False)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for micro in range(cfg.grad_accum):
+            x, j, cond, weight = draw(micro, fresh, buffer, cfg, schedule.num_steps, generator)
+            loss, stats = method.loss(x, j, cond, weight, generator)
+            (loss / cfg.grad_accum).backward()
+            finite &= torch.isfinite(loss)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        guarded_step(optimizer, finite)
+        guard.update(finite)
+        window.append({"loss": loss.detach(), "reward": fresh["reward"].mean(), **stats})
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            means = {k: float(torch.stack([w[k] for w in window]).float().mean()) for k in window[0]}
+            window.clear()
+            row = {"step": done, **means,
+                   "diversity": per_class_diversity(task.features(fresh["images"]), fresh["cond"]),
+                   "nonfinite_steps": guard.check(done), "wall_s": round(wall_before + time.time() - start, 2)}
+            write_row(row)
+            bar.set_postfix(reward=fmt(row["reward"]), kl=fmt(row["kl_term"]))
+            tqdm.write(f"step {done:4d}/{cfg.steps} | reward {fmt(row['reward'])} | kl {fmt(row['kl_term'])} | "
+                       f"diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            metrics, _ = evaluate(method, cfg, device, with_kl=True)
+            write_row({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            guard.check(done)
+            save_checkpoint(done)
+    bar.close()
+    metrics_file.close()
+
+    final, final_images = evaluate(method, cfg, device, with_kl=True)
+    save_grid(final_images.view(-1, cfg.eval_per_class, *final_images.shape[1:])[:, :8].flatten(0, 1),
+              out / "samples_final.png", nrow=8)
+    with open(out / "metrics.jsonl", "a") as handle:
+        row = {"step": cfg.steps, **{f"eval_{k}": v for k, v in final.items()}}
+        handle.write(json.dumps(row) + "\n")
+    rows.append(row)
+    save_curves(rows, out / "curves.png", ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward",
+                                           "eval_diversity", "eval_fd", "eval_kl"))
+    summary = {"reward_base": base["reward"], "reward_final": final["reward"],
+               "diversity_base": base["diversity"], "diversity_final": final["diversity"],
+               "fd_base": base["fd"], "fd_final": final["fd"], "kl_final": final["kl"], "steps": cfg.steps,
+               "wall_s": round(wall_before + time.time() - start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(base, final, summary["wall_s"], out)
+    return summary
+
+
+def print_table(base: dict, final: dict, wall_s: float, out: Path) -> None:
+    print(f"\n{'':14s}{'base':>12s}{'fine-tuned':>12s}")
+    for key, label in (("reward", "reward"), ("diversity", "diversity"), ("fd", "fd"), ("kl", "KL (nats)")):
+        print(f"{label:14s}{base[key]:12.4f}{final[key]:12.4f}")
+    print(f"diversity kept: {100 * final['diversity'] / base['diversity']:.0f}% of base | wall {wall_s:.0f} s | "
+          f"run directory {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, resume = config.parse(argv)
+    try:
+        run(cfg, resume)
+    except (ValueError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
