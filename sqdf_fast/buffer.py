@@ -54,8 +54,8 @@ class ReplayBuffer:
         the authors' max(r, 0) made valid for rewards of any sign; with importance_weights, weights
         (1 / (size * T)) / P(i, j) make the expected loss that of uniform sampling.
         """
-        if n > self.size:
-            raise ValueError(f"cannot sample {n} trajectories from a buffer holding {self.size}")
+        if self.size == 0 or (n > self.size and sampler != "reward-gamma"):
+            raise ValueError(f"cannot sample {n} distinct trajectories from a buffer holding {self.size}")
         device = self.states.device
         if sampler == "uniform":
             return torch.randperm(self.size, generator=generator, device=device)[:n], None, None
@@ -65,7 +65,7 @@ class ReplayBuffer:
             raise ValueError(f"buffer_sampler={sampler!r}: must be one of {', '.join(SAMPLERS)}")
         reward = self.reward[:self.size]
         finite = torch.isfinite(reward)
-        low = torch.where(finite, reward, torch.inf).min()
+        low = torch.where(finite, reward, torch.inf).min().nan_to_num(posinf=0.0)   # 0 when none is finite
         spread = (torch.where(finite, reward, low).max() - low).clamp(min=1e-6)
         priority = torch.where(finite, reward - low, 0.0) + 1e-3 * spread
         step_weight = self.discount_weights(gamma)

@@ -29,6 +29,9 @@ class SQDF:
             raise ValueError(f"q_estimator='consistency': task {task.name!r} has no consistency model")
         self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0
         self.estimator_name = "consistency" if use_consistency else "tweedie"
+        if not bool((schedule.sigma(cfg.eta) > 0).all()):
+            raise ValueError("sample_steps: some transition has sigma_j = 0 (a scheduler with set_alpha_to_one=True?):"
+                             " the policy must be Gaussian at every step for the KL")
 
     # denoisers -----------------------------------------------------------------------------------------------
     def _eps(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -84,6 +87,8 @@ def sample_steps(n: int, num_steps: int, sampler: str, gamma: float, generator: 
                  device: torch.device) -> tuple[Tensor, Tensor | None]:
     """Trained transitions j (n,) and their loss weights: uniform, or discounted q(j) ~ gamma^(T-1-j) with
     weights (1/T)/q(j) so that the expected loss is that of uniform sampling."""
+    if sampler not in ("uniform", "discounted"):
+        raise ValueError(f"step_sampler={sampler!r}: must be uniform or discounted")
     if sampler == "uniform":
         return torch.randint(0, num_steps, (n,), generator=generator, device=device), None
     k = torch.arange(num_steps - 1, -1, -1, device=device, dtype=torch.float32)

@@ -13,9 +13,9 @@ def _sqrtm_psd(matrix: Tensor) -> Tensor:
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) between two feature sets (n, F), in float64."""
     a, b = a.double(), b.double()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = _sqrtm_psd(cov_a)
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+    # tr (C_a^1/2 C_b C_a^1/2)^1/2 = the nuclear norm of C_a^1/2 C_b^1/2: accurate for singular covariances
+    cross = torch.linalg.svdvals(_sqrtm_psd(cov_a) @ _sqrtm_psd(cov_b)).sum()
     return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 

@@ -86,46 +86,74 @@ def train_base(unet: nn.Module, images: Tensor, labels: Tensor, schedule: DDIMSc
 @torch.no_grad()
 def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evaluator: nn.Module, images: Tensor,
             labels: Tensor, schedule: DDIMSchedule, guidance: float, seed: int) -> tuple[dict, Tensor]:
-    """The consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples."""
+    """The consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples.
+
+    From real digits noised to t_j: the MSE of each estimate to the clean digit (Tweedie, the posterior mean, is the
+    MSE-optimal estimate), and how well r(estimate) predicts the reward of the base model's own multi-step
+    continuations from the same x_t, E[r(x0) | x_t], the quantity the soft Q approximates.
+    """
     generator = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(images.shape[0], generator=generator)[:512]
+    n, continuations = 128, 4
+    idx = torch.randperm(images.shape[0], generator=generator)[:n]
     x0, cond = images[idx], labels[idx]
     denoiser = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
                                           torch.full_like(c, digits.NULL_CLASS), guidance)
-    accuracy = lambda x: float((classifier(x).argmax(-1) == cond).float().mean())
+    reward = digits.reward_fn(classifier)
     by_noise = []
-    for t_value in (951, 751, 501, 251, 51):
-        t = torch.full((x0.shape[0],), t_value)
-        a = schedule.alphas_cumprod[t_value]
+    for j in (0, 2, 5, 10, 15, schedule.num_steps - 1):
+        t_value = int(schedule.timesteps[j])
+        t = torch.full((n,), t_value)
+        a = schedule.alpha_t[j]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
-        tweedie = reference.tweedie_x0(x_t, denoiser(x_t, t, cond), a)
-        one_step = cm(x_t, t, cond)
-        by_noise.append({"t": t_value, "alpha_bar": float(a),
-                         "mse_tweedie": float((tweedie - x0).square().mean()),
-                         "mse_consistency": float((one_step - x0).square().mean()),
-                         "reward_accuracy_tweedie": accuracy(tweedie),
-                         "reward_accuracy_consistency": accuracy(one_step)})
+        estimates = {"tweedie": reference.tweedie_x0(x_t, denoiser(x_t, t, cond), a), "consistency": cm(x_t, t, cond)}
+        _, samples, _ = rollout(denoiser, schedule, x_t.repeat(continuations, 1, 1, 1), cond.repeat(continuations),
+                                1.0, generator, first_step=j)
+        target = reward(samples, cond.repeat(continuations)).view(continuations, n).mean(0)
+        row = {"t": t_value, "alpha_bar": float(a), "reward_of_multistep_continuations": float(target.mean())}
+        for name, est in estimates.items():
+            r = reward(est, cond)
+            row[f"mse_to_data_{name}"] = float((est - x0).square().mean())
+            row[f"reward_{name}"] = float(r.mean())
+            row[f"soft_q_abs_error_{name}"] = float((r - target).abs().mean())
+        by_noise.append(row)
     eval_cond = torch.arange(digits.NUM_CLASSES).repeat_interleave(50)
     x_T = torch.randn((eval_cond.shape[0], *images.shape[1:]), generator=generator)
     _, multi_step, _ = rollout(denoiser, schedule, x_T, eval_cond, 1.0, generator)
-    first_t = schedule.timesteps[0].expand(eval_cond.shape[0])
-    one_step = cm(x_T, first_t, eval_cond)
+    one_step = cm(x_T, schedule.timesteps[0].expand(eval_cond.shape[0]), eval_cond)
     real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
     samples = {}
     for name, x in (("ddim_%d_steps" % schedule.num_steps, multi_step), ("consistency_1_step", one_step)):
         feats = evaluator.features(x)
-        samples[name] = {"fd": per_class_fd(feats, eval_cond, real),
-                         "diversity": per_class_diversity(feats, eval_cond),
-                         "reward": float(digits.reward_fn(classifier)(x, eval_cond).mean())}
-    real_feats = evaluator.features(images)
-    samples["real_data"] = {"diversity": per_class_diversity(real_feats, labels),
-                            "reward": float(digits.reward_fn(classifier)(images, labels).mean())}
+        samples[name] = {"fd": per_class_fd(feats, eval_cond, real), "diversity": per_class_diversity(feats, eval_cond),
+                         "reward": float(reward(x, eval_cond).mean())}
+    samples["real_data"] = {"diversity": per_class_diversity(evaluator.features(images), labels),
+                            "reward": float(reward(images, labels).mean())}
     grid = torch.cat([multi_step.view(10, 50, 1, 16, 16)[:, :8], one_step.view(10, 50, 1, 16, 16)[:, :8]], 1)
     return {"x0_estimate_by_noise_level": by_noise, "samples": samples}, grid.flatten(0, 1)
 
 
 def save_fp16(module: nn.Module, path: Path) -> None:
     save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def report_measurements(out: Path, report: dict, nets: tuple, args) -> None:
+    images, labels = digits.load_data()
+    schedule = DDIMSchedule.build(digits.SCHEDULER_CONFIG, args.sample_steps)
+    report["measurements"], grid = measure(*nets, images, labels, schedule, args.cm_guidance, args.seed + 5)
+    save_grid(grid, out / "pretrain_samples.png", nrow=16)
+    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["measurements"], indent=1))
+
+
+def remeasure(out: Path, args) -> None:
+    report = json.loads((out / "pretrain_report.json").read_text())
+    alphas = DDIMSchedule.build(digits.SCHEDULER_CONFIG, 1).alphas_cumprod
+    nets = (digits.load_weights(digits.build_unet(), out / "base_unet.safetensors"),
+            ConsistencyModel(digits.load_weights(digits.build_unet(), out / "consistency_unet.safetensors"),
+                             digits.unet_eps, alphas),
+            digits.load_weights(digits.RewardClassifier(), out / "reward.safetensors"),
+            digits.load_weights(digits.Evaluator(), out / "evaluator.safetensors"))
+    report_measurements(out, report, nets, argparse.Namespace(**{**report["args"], **vars(args)}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,10 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cm-guidance", type=float, default=1.0, help="teacher guidance baked into the CM")
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the multi-step comparison")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="load the networks from --out and redo only the measurements")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.measure_only:
+        remeasure(out, args)
+        return
     torch.manual_seed(args.seed)
     images, labels = digits.load_data()
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -186,17 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     cm.requires_grad_(False).eval()
     report["consistency"] = {"loss_every_100": [sum(cm_losses[i:i + 100]) / len(cm_losses[i:i + 100])
                                                 for i in range(0, len(cm_losses), 100)]}
-    report["measurements"], grid = measure(base, cm, classifier, evaluator, images, labels, schedule,
-                                           args.cm_guidance, args.seed + 5)
-    save_grid(grid, out / "pretrain_samples.png", nrow=16)
     save_fp16(base, out / "base_unet.safetensors")
     save_fp16(cm.net, out / "consistency_unet.safetensors")
     save_fp16(classifier, out / "reward.safetensors")
     save_fp16(evaluator, out / "evaluator.safetensors")
-    report["wall_s"] = round(time.time() - start, 1)
-    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["measurements"], indent=1))
-    print(f"wrote {out} in {report['wall_s']} s")
+    report["training_wall_s"] = round(time.time() - start, 1)
+    report_measurements(out, report, (base, cm, classifier, evaluator), args)
+    print(f"wrote {out} in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

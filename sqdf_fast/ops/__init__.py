@@ -75,7 +75,7 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
     batch = x.shape[0]
     _check_per_sample("alpha_t", alpha_t, batch, x.device, 0.0, 1.0)
     _check_per_sample("alpha_prev", alpha_prev, batch, x.device, 0.0, 1.0)
-    if not isinstance(eta, (int, float)) or eta < 0:
+    if not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     if eta == 0 and eps_ref is not None:
         raise ValueError("eta must be > 0 when eps_ref is given: the KL divides by sigma^2, which is 0 at eta = 0")
@@ -96,6 +96,6 @@ def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
         _check_tensor("weight", weight, reward)
     if not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
-    if not isinstance(alpha, (int, float)) or alpha < 0:
+    if not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     return reference.sqdf_loss(reward, kl, k, gamma, alpha, weight)

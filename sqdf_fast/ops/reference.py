@@ -52,7 +52,7 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
     if eps_ref is None:
         return x_prev, None
     mu_ref = ddim_mean(x, eps_ref, alpha_t, alpha_prev, sigma)
-    kl = (mu - mu_ref).square().flatten(1).mean(1) / torch.broadcast_to(sigma, (x.shape[0],)).square()
+    kl = (mu - mu_ref).square().reshape(x.shape[0], -1).mean(1) / torch.broadcast_to(sigma, (x.shape[0],)).square()
     return x_prev, kl
 
 

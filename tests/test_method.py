@@ -1,0 +1,141 @@
+"""The SQDF micro-step on the digits task: where gradients go, what the reference is, which estimator runs."""
+import pytest
+import torch
+
+from sqdf_fast import config
+from sqdf_fast.adapters import adapters_disabled, add_policy_lora
+from sqdf_fast.method import SQDF
+from sqdf_fast.ops import reference
+from sqdf_fast.schedule import DDIMSchedule
+from sqdf_fast.tasks import digits
+
+
+def setup(**overrides):
+    cfg = config.TrainConfig(**overrides)
+    task = digits.make_task(cfg)
+    schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps)
+    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    return cfg, task, schedule, params, SQDF(task, schedule, cfg)
+
+
+def batch(task, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *task.sample_shape), generator=g)
+    j = torch.tensor([0, 3, 7, 12, 18, 19])[:n]
+    return x, j, task.sample_conditions(n, g), g
+
+
+def perturb_adapter(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("estimator", ["consistency", "tweedie"])
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_gradients_reach_only_the_adapter(estimator, guidance):
+    cfg, task, schedule, params, method = setup(q_estimator=estimator, guidance=guidance)
+    perturb_adapter(params)
+    x, j, cond, g = batch(task)
+    loss, stats = method.loss(x, j, cond, None, g)
+    loss.backward()
+    adapter_ids = {id(p) for p in params}
+    for module in [task.unet, *task.frozen]:
+        for name, p in module.named_parameters():
+            if id(p) in adapter_ids:
+                continue
+            assert p.grad is None, f"gradient reached frozen parameter {name}"
+    assert all(p.grad is not None for p in params)
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
+
+
+def test_reference_is_the_base_model_with_the_adapter_off():
+    cfg = config.TrainConfig()
+    base = digits.make_task(cfg).unet
+    _, task, schedule, params, method = setup()
+    x, j, cond, _ = batch(task)
+    t = schedule.timesteps[j]
+    with torch.no_grad():
+        expected = digits.unet_eps(base, x, t, cond)
+        torch.testing.assert_close(method.policy_eps(x, t, cond), expected)   # zero-initialised adapter
+        perturb_adapter(params)
+        assert not torch.allclose(method.policy_eps(x, t, cond), expected)
+        torch.testing.assert_close(method.reference_eps(x, t, cond), expected)
+        with adapters_disabled(task.unet):
+            torch.testing.assert_close(digits.unet_eps(task.unet, x, t, cond), expected)
+    assert all(p.requires_grad for p in params)   # re-enabled after the reference call
+    n_base = sum(p.numel() for p in base.parameters())
+    n_policy = sum(p.numel() for p in task.unet.parameters())
+    assert n_policy - n_base == sum(p.numel() for p in params)   # one set of base weights plus the adapter
+
+
+def test_last_step_uses_the_action_itself():
+    cfg, task, schedule, params, method = setup()
+    a = torch.randn((3, *task.sample_shape))
+    j = torch.tensor([19, 19, 5])
+    cond = torch.tensor([1, 2, 3])
+    x0 = method.x0_estimate(a, j, cond)
+    torch.testing.assert_close(x0[:2], a[:2])
+    torch.testing.assert_close(x0[2:], task.consistency(a[2:], schedule.next_timesteps[j[2:]], cond[2:]))
+
+
+def test_checkpointed_estimator_gives_the_same_gradients():
+    grads = []
+    for flag in (True, False):
+        cfg, task, schedule, params, method = setup(checkpoint_estimator=flag)
+        torch.manual_seed(0)
+        perturb_adapter(params)
+        x, j, cond, g = batch(task)
+        loss, _ = method.loss(x, j, cond, None, g)
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_consistency_model_beats_tweedie_at_high_noise():
+    """The shipped consistency model's one-step x0 is closer to the data than the base's Tweedie mean at high
+    noise: that is why it is the default soft-Q estimator."""
+    cfg = config.TrainConfig()
+    task = digits.make_task(cfg)
+    schedule = DDIMSchedule.build(task.scheduler_config, 20)
+    images, labels = digits.load_data()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(images.shape[0], generator=g)[:256]
+    x0, cond = images[idx], labels[idx]
+    with torch.no_grad():
+        for t_value in (951, 851):
+            a = schedule.alphas_cumprod[t_value]
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+            t = torch.full((256,), t_value)
+            tweedie = reference.tweedie_x0(x_t, digits.unet_eps(task.unet, x_t, t, cond), a)
+            one_step = task.consistency(x_t, t, cond)
+            reward_tweedie = task.reward(tweedie, cond).mean()
+            reward_cm = task.reward(one_step, cond).mean()
+            assert reward_cm > reward_tweedie, (t_value, float(reward_cm), float(reward_tweedie))
+
+
+def test_discount_exponent_is_steps_remaining(monkeypatch):
+    cfg, task, schedule, params, method = setup()
+    seen = {}
+    from sqdf_fast import ops
+
+    def spy(reward, kl, k, gamma, alpha, weight=None):
+        seen.update(k=k, gamma=gamma, alpha=alpha)
+        return ops.sqdf_loss(reward, kl, k, gamma, alpha, weight)
+
+    monkeypatch.setattr("sqdf_fast.method.ops.sqdf_loss", spy)
+    x, j, cond, g = batch(task)
+    method.loss(x, j, cond, None, g)
+    assert seen["k"].tolist() == [19, 16, 12, 7, 1, 0]   # T - 1 - j for j = 0, 3, 7, 12, 18, 19 (T = 20)
+    assert (seen["gamma"], seen["alpha"]) == (cfg.gamma, cfg.alpha)
+
+
+def test_each_rank_draws_its_own_noise(monkeypatch):
+    from sqdf_fast.train import rank_seed
+    seeds = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        seeds.append(rank_seed(0))
+    draws = [torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert seeds[0] != seeds[1] and not torch.allclose(*draws)

@@ -1,0 +1,274 @@
+"""The SQDF step maths (`sqdf_fast.ops`, `sqdf_fast.schedule`) against diffusers' DDIMScheduler and closed forms.
+
+Everything runs in float64 so that agreement can be asserted to rounding error, not to float32 tolerances.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch.distributions import Normal, kl_divergence
+from torch.testing import assert_close
+
+from sqdf_fast import ops
+from sqdf_fast.ops import reference
+from sqdf_fast.schedule import DDIMSchedule
+from sqdf_fast.tasks.digits import SCHEDULER_CONFIG as DIGITS_CONFIG
+
+F64 = torch.float64
+TIGHT = dict(rtol=1e-12, atol=1e-12)  # float64 rounding, a few operations deep
+
+SD15_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)
+CONFIGS = {"digits": DIGITS_CONFIG, "sd15": SD15_CONFIG}
+NUM_STEPS = (1, 7, 20, 50)
+SHAPES = [(1, 4, 8, 8), (3, 7, 5), (5,), (33, 2, 3)]
+LAYOUTS = ("contiguous", "strided", "transposed")
+
+@functools.cache
+def tables(config: str, num_steps: int) -> tuple[DDIMSchedule, DDIMScheduler]:
+    """The float64 schedule, and a diffusers scheduler set to the same number of steps with float64 tables.
+
+    diffusers keeps alphas_cumprod in float32 and computes the step's scalar coefficients (sqrt(1 - a), ...) in that
+    dtype even for float64 samples, so left alone it agrees with the float64 ops only to ~1e-6 relative
+    (test_float32_scheduler_agrees_to_float32_rounding). Both sides read the same float32-representable alphas, so
+    once the scheduler's tables are cast to float64 the two agree to float64 rounding."""
+    schedule = DDIMSchedule.build(CONFIGS[config], num_steps, dtype=F64)
+    scheduler = DDIMScheduler.from_config(CONFIGS[config])
+    scheduler.set_timesteps(num_steps)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(F64)
+    scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=F64)
+    return schedule, scheduler
+
+
+def prev_timestep(scheduler: DDIMScheduler, t: int) -> int:
+    """diffusers' own previous timestep (negative after the last transition)."""
+    return t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def randn(gen: torch.Generator, shape, layout: str = "contiguous") -> torch.Tensor:
+    """A float64 normal tensor of `shape`, laid out in memory as asked."""
+    if layout == "strided":  # every other element of a larger buffer
+        return torch.randn(*shape, 2, generator=gen, dtype=F64)[..., 0]
+    if layout == "transposed":  # all strides reversed: the batch dimension is the fastest
+        return torch.randn(*shape[::-1], generator=gen, dtype=F64).permute(*reversed(range(len(shape))))
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+# schedule tables --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_steps", NUM_STEPS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_schedule_tables_match_diffusers(config, num_steps):
+    schedule, scheduler = tables(config, num_steps)
+    assert schedule.num_steps == num_steps and schedule.alpha_t.dtype == schedule.alpha_prev.dtype == F64
+    assert torch.equal(schedule.timesteps, scheduler.timesteps.long())
+    assert torch.equal(schedule.alphas_cumprod, scheduler.alphas_cumprod)
+    for j, t in enumerate(schedule.timesteps.tolist()):
+        prev = prev_timestep(scheduler, t)
+        assert schedule.next_timesteps[j] == max(prev, 0)
+        if j + 1 < num_steps:  # t_{j+1} is the next transition's input timestep
+            assert schedule.next_timesteps[j] == schedule.timesteps[j + 1]
+        assert schedule.alpha_t[j] == scheduler.alphas_cumprod[t]
+        assert schedule.alpha_prev[j] == (scheduler.alphas_cumprod[prev] if prev >= 0
+                                          else scheduler.final_alpha_cumprod)
+    assert prev_timestep(scheduler, int(schedule.timesteps[-1])) < 0  # the last transition lands on x0
+
+
+# one DDIM step against diffusers ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("num_steps", NUM_STEPS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_policy_step_matches_diffusers(gen, config, num_steps, eta):
+    schedule, scheduler = tables(config, num_steps)
+    sigma = schedule.sigma(eta)
+    for j, t in enumerate(schedule.timesteps.tolist()):
+        x, eps, noise, eps_ref = (randn(gen, (2, 3, 4, 4)) for _ in range(4))
+        out = scheduler.step(eps, t, x, eta=eta, variance_noise=noise)
+        x_prev, kl = ops.policy_step(x, eps, schedule.alpha_t[j], schedule.alpha_prev[j], eta, noise)
+        assert kl is None
+        assert_close(x_prev, out.prev_sample, **TIGHT)
+        assert_close(ops.tweedie_x0(x, eps, schedule.alpha_t[j]), out.pred_original_sample, **TIGHT)
+        assert_close(sigma[j], eta * scheduler._get_variance(t, prev_timestep(scheduler, t)).sqrt(), **TIGHT)
+        if eta > 0:  # asking for the KL must not change the step
+            assert torch.equal(ops.policy_step(x, eps, schedule.alpha_t[j], schedule.alpha_prev[j], eta, noise,
+                                               eps_ref)[0], x_prev)
+
+
+def test_float32_scheduler_agrees_to_float32_rounding(gen):
+    """Documents why `tables` casts: diffusers' own float32 tables give float32-rounded coefficients."""
+    schedule, _ = tables("sd15", 50)
+    scheduler = DDIMScheduler.from_config(SD15_CONFIG)
+    scheduler.set_timesteps(50)
+    for j, t in enumerate(schedule.timesteps.tolist()):
+        x, eps, noise = (randn(gen, (2, 3, 4, 4)) for _ in range(3))
+        out = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise)
+        x_prev, _ = ops.policy_step(x, eps, schedule.alpha_t[j], schedule.alpha_prev[j], 1.0, noise)
+        assert_close(x_prev, out.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+# per-sample schedule values, shapes, memory layouts ---------------------------------------------------------------
+def test_per_sample_schedule_values_equal_rowwise_scalar_calls(gen):
+    schedule, _ = tables("sd15", 20)
+    j = torch.tensor([0, 19, 7, 7, 12])  # first, last and repeated transitions in one batch
+    x, eps, noise, eps_ref = (randn(gen, (5, 3, 4)) for _ in range(4))
+    a, a_prev = schedule.alpha_t[j], schedule.alpha_prev[j]
+    x_prev, kl = ops.policy_step(x, eps, a, a_prev, 0.6, noise, eps_ref)
+    x0 = ops.tweedie_x0(x, eps, a)
+    for i in range(len(j)):
+        row = slice(i, i + 1)
+        x_prev_i, kl_i = ops.policy_step(x[row], eps[row], float(a[i]), float(a_prev[i]), 0.6, noise[row],
+                                         eps_ref[row])
+        assert_close(x_prev[row], x_prev_i, **TIGHT)
+        assert_close(kl[row], kl_i, **TIGHT)
+        assert_close(x0[row], ops.tweedie_x0(x[row], eps[row], float(a[i])), **TIGHT)
+        # a 0-dim tensor is a scalar too
+        assert_close(x_prev[row], ops.policy_step(x[row], eps[row], a[i], a_prev[i], 0.6, noise[row])[0], **TIGHT)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_policy_step_shapes_and_layouts(gen, shape, layout):
+    """Any (B, ...) shape and memory layout: rows with their own transition match diffusers row by row, and a
+    non-contiguous input gives what its contiguous copy gives."""
+    schedule, scheduler = tables("digits", 20)
+    j = torch.arange(shape[0]) % 20
+    x, eps, noise = (randn(gen, shape, layout) for _ in range(3))
+    if layout == "strided" or (layout == "transposed" and x.dim() > 1):  # a 1-D transpose is the identity
+        assert not x.is_contiguous()
+    a, a_prev = schedule.alpha_t[j], schedule.alpha_prev[j]
+    x_prev, kl = ops.policy_step(x, eps, a, a_prev, 0.8, noise)
+    x0 = ops.tweedie_x0(x, eps, a)
+    assert x_prev.shape == x0.shape == shape and kl is None
+    contiguous = [v.contiguous() for v in (x, eps)]
+    assert_close(x_prev, ops.policy_step(*contiguous, a, a_prev, 0.8, noise.contiguous())[0], **TIGHT)
+    assert_close(x0, ops.tweedie_x0(*contiguous, a), **TIGHT)
+    for i, t in enumerate(schedule.timesteps[j].tolist()):
+        out = scheduler.step(eps[i], t, x[i], eta=0.8, variance_noise=noise[i])
+        assert_close(x_prev[i], out.prev_sample, **TIGHT)
+        assert_close(x0[i], out.pred_original_sample, **TIGHT)
+
+
+# the KL term -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES,
+                         ids=str)
+def test_kl_is_scaled_gaussian_kl(gen, shape, layout, eta):
+    schedule, _ = tables("sd15", 50)
+    batch = shape[0]
+    j = torch.arange(batch) * 7 % 50
+    a, a_prev = schedule.alpha_t[j], schedule.alpha_prev[j]
+    x, eps, eps_ref, noise = (randn(gen, shape, layout) for _ in range(4))
+    _, kl = ops.policy_step(x, eps, a, a_prev, eta, noise, eps_ref)
+    assert kl.shape == (batch,)
+    assert_close(kl, ops.policy_step(*(v.contiguous() for v in (x, eps)), a, a_prev, eta, noise.contiguous(),
+                                     eps_ref.contiguous())[1], **TIGHT)
+
+    # kl = (2 / d) KL(N(mu, sigma^2 I) || N(mu_ref, sigma^2 I)), d the number of non-batch elements
+    sigma = schedule.sigma(eta)[j]
+    mu = reference.ddim_mean(x, eps, a, a_prev, sigma)
+    mu_ref = reference.ddim_mean(x, eps_ref, a, a_prev, sigma)
+    scale = reference.per_sample(sigma, x).expand_as(x)
+    kl_true = kl_divergence(Normal(mu, scale), Normal(mu_ref, scale)).reshape(batch, -1).sum(1)
+    d = x[0].numel()
+    assert_close(kl, 2 / d * kl_true, **TIGHT)
+
+    # fused form: mu - mu_ref = c (eps - eps_ref), c = sqrt(1 - a' - sigma^2) - sqrt(a' (1 - a) / a)
+    c = (1 - a_prev - sigma.square()).sqrt() - (a_prev * (1 - a) / a).sqrt()
+    assert_close(kl, (c / sigma).square() * (eps - eps_ref).square().reshape(batch, -1).mean(1), **TIGHT)
+
+
+# gradients ----------------------------------------------------------------------------------------------------------
+def test_gradcheck_policy_step_and_tweedie(gen):
+    schedule, _ = tables("sd15", 20)
+    j = torch.tensor([0, 11, 19])
+    a, a_prev = schedule.alpha_t[j], schedule.alpha_prev[j]
+    noise = randn(gen, (3, 2, 2))
+    x, eps, eps_ref = (randn(gen, (3, 2, 2)).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(lambda *v: ops.policy_step(v[0], v[1], a, a_prev, 0.7, noise, v[2]),
+                                    (x, eps, eps_ref))
+    assert torch.autograd.gradcheck(lambda x, eps: ops.tweedie_x0(x, eps, a), (x, eps))
+
+
+def test_gradcheck_sqdf_loss(gen):
+    reward, kl = (randn(gen, (4,)).requires_grad_() for _ in range(2))
+    k, weight = torch.tensor([3, 2, 1, 0]), torch.rand(4, generator=gen, dtype=F64)
+    assert torch.autograd.gradcheck(lambda r, kl: ops.sqdf_loss(r, kl, k, 0.8, 0.3, weight), (reward, kl))
+
+
+# the loss ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5])
+def test_sqdf_loss_discounts_the_reward_only(gen, gamma, weighted):
+    num_steps, alpha = 10, 0.3
+    j = torch.tensor([0, 3, 8, 9, 9])
+    k = num_steps - 1 - j  # steps left: T - 1 for the first transition, 0 for the last
+    reward, kl = randn(gen, (5,)), randn(gen, (5,)).abs()
+    weight = torch.rand(5, generator=gen, dtype=F64) if weighted else None
+    w = weight.tolist() if weighted else [1.0] * 5
+    expected = sum(w[i] * (-gamma ** int(k[i]) * float(reward[i]) + alpha * float(kl[i])) for i in range(5)) / 5
+    assert float(ops.sqdf_loss(reward, kl, k, gamma, alpha, weight)) == pytest.approx(expected, rel=1e-12)
+
+
+# input validation -------------------------------------------------------------------------------------------------
+def _zeros(*shape, dtype=F64):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+def _bad_alphas():
+    values = {"0": 0.0, "1.5": 1.5, "negative": -0.2, "cpu tensor with 0": torch.tensor([0.5, 0.0], dtype=F64),
+              "wrong length": torch.full((3,), 0.5, dtype=F64)}
+    for name in ("alpha_t", "alpha_prev"):
+        for label, value in values.items():
+            yield pytest.param({name: value}, name, id=f"{name} {label}")
+
+
+@pytest.mark.parametrize("override, match", [
+    pytest.param(dict(eps=_zeros(2, 4)), "^eps has shape", id="eps shape"),
+    pytest.param(dict(noise=_zeros(3, 3)), "^noise has shape", id="noise shape"),
+    pytest.param(dict(eps_ref=_zeros(2, 3, 1)), "^eps_ref has shape", id="eps_ref shape"),
+    pytest.param(dict(eps=_zeros(2, 3, dtype=torch.float32)), "^eps has dtype", id="eps dtype"),
+    pytest.param(dict(noise=_zeros(2, 3, dtype=torch.float32)), "^noise has dtype", id="noise dtype"),
+    pytest.param(dict(eps_ref=_zeros(2, 3, dtype=torch.float32)), "^eps_ref has dtype", id="eps_ref dtype"),
+    *_bad_alphas(),
+    pytest.param(dict(eta=0.0), "eta", id="eta=0 with eps_ref"),
+    pytest.param(dict(eta=-0.1, eps_ref=None), "eta", id="negative eta"),
+])
+def test_policy_step_rejects_bad_input(override, match):
+    args = dict(x=_zeros(2, 3), eps=_zeros(2, 3), alpha_t=0.5, alpha_prev=0.6, eta=0.5, noise=_zeros(2, 3),
+                eps_ref=_zeros(2, 3))
+    with pytest.raises(ValueError, match=match):
+        ops.policy_step(**{**args, **override})
+
+
+@pytest.mark.parametrize("override, match", [
+    pytest.param(dict(eps=_zeros(2, 4)), "^eps has shape", id="eps shape"),
+    pytest.param(dict(alpha_t=0.0), "alpha_t", id="alpha_t=0"),
+    pytest.param(dict(alpha_t=torch.full((3,), 0.5, dtype=F64)), "alpha_t", id="alpha_t length"),
+])
+def test_tweedie_rejects_bad_input(override, match):
+    with pytest.raises(ValueError, match=match):
+        ops.tweedie_x0(**{**dict(x=_zeros(2, 3), eps=_zeros(2, 3), alpha_t=0.5), **override})
+
+
+@pytest.mark.parametrize("override, match", [
+    *(pytest.param(dict(gamma=g), "gamma", id=f"gamma={g}") for g in (0, 1.5, -0.1)),
+    pytest.param(dict(alpha=-0.5), "^alpha", id="negative alpha"),
+    pytest.param(dict(reward=_zeros(4, 1), kl=_zeros(4, 1), k=torch.zeros(4, 1)), "^reward", id="reward shape"),
+    pytest.param(dict(kl=_zeros(3)), "^kl", id="kl shape"),
+    pytest.param(dict(k=torch.arange(3)), "^k ", id="k shape"),
+    pytest.param(dict(weight=_zeros(2)), "^weight", id="weight shape"),
+])
+def test_sqdf_loss_rejects_bad_input(override, match):
+    args = dict(reward=_zeros(4), kl=_zeros(4), k=torch.arange(4), gamma=0.9, alpha=0.1, weight=None)
+    with pytest.raises(ValueError, match=match):
+        ops.sqdf_loss(**{**args, **override})

@@ -1,0 +1,140 @@
+"""The trainer end to end on the digits task with tiny settings: outputs, learning, resume, guards, bad input."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqdf_fast import config
+from sqdf_fast.train import SUMMARY_KEYS, main, run
+
+
+def tiny(tmp_path, **overrides) -> config.TrainConfig:
+    values = dict(out=str(tmp_path / "run"), steps=4, batch_size=8, rollout_batch=8, buffer_size=16,
+                  sample_steps=5, eval_per_class=2, log_every=2, checkpoint_every=2, progress=False)
+    values.update(overrides)
+    cfg = config.TrainConfig(**values)
+    config.validate(cfg)
+    return cfg
+
+
+def test_run_directory_contract(tmp_path):
+    cfg = tiny(tmp_path)
+    summary = run(cfg)
+    out = tmp_path / "run"
+    assert tuple(json.loads((out / "summary.json").read_text())) == SUMMARY_KEYS
+    assert summary["steps"] == 4
+    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert all(k in rows[0] for k in ("reward", "kl_term", "diversity", "nonfinite_steps"))
+    for name in ("samples_base.png", "samples_final.png", "curves.png", "checkpoint/adapter.safetensors",
+                 "checkpoint/state.pt"):
+        assert (out / name).is_file(), name
+    assert summary["kl_final"] > 0   # the policy moved away from the base
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = tiny(tmp_path / "a")
+    run(straight)
+    interrupted = tiny(tmp_path / "b", steps=2)
+    run(interrupted)
+    with pytest.raises(SystemExit):   # the same out again without --resume refuses to overwrite
+        main(["--config", str(tmp_path / "b" / "run" / "config.json")])
+    resumed, resume_dir = config.parse(["--resume", interrupted.out, "--steps", "4"])
+    run(resumed, resume_dir)
+    a = load_file(str(tmp_path / "a/run/checkpoint/adapter.safetensors"))
+    b = load_file(str(tmp_path / "b/run/checkpoint/adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    summary_a = json.loads((tmp_path / "a/run/summary.json").read_text())
+    summary_b = json.loads((tmp_path / "b/run/summary.json").read_text())
+    for key in ("reward_final", "diversity_final", "fd_final", "kl_final"):
+        assert summary_a[key] == summary_b[key], key
+    rows_a = [json.loads(l) for l in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(l) for l in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    # b logged its own final evaluation at step 2 before being resumed
+    assert strip(rows_a) == [r for r in strip(rows_b) if not (r["step"] == 2 and "eval_reward" in r)]
+
+
+def test_resume_missing_or_corrupt_checkpoint(tmp_path, capsys):
+    cfg = tiny(tmp_path, steps=2)
+    run(cfg)
+    out = tmp_path / "run"
+    state = out / "checkpoint" / "state.pt"
+    state.write_bytes(b"not a checkpoint")
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as err:
+        main(["--resume", str(out), "--steps", "4"])
+    assert "checkpoint is unreadable" in str(err.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before   # nothing overwritten
+    with pytest.raises(SystemExit) as err:
+        main(["--resume", str(tmp_path / "nowhere")])
+    assert "resume" in str(err.value)
+
+
+def test_nonfinite_reward_skips_steps_then_stops(tmp_path):
+    cfg = tiny(tmp_path, steps=6, log_every=1, max_nonfinite_steps=3, reward="rewards_for_tests:always_nan")
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in rows] == [1, 2]
+    # the checkpoint written at step 2 holds the untouched (zero-initialised) adapter, not NaNs
+    adapter = load_file(str(tmp_path / "run" / "checkpoint" / "adapter.safetensors"))
+    assert all(torch.isfinite(v).all() for v in adapter.values())
+    assert all(not v.any() for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_nonfinite_step_leaves_adapter_and_optimizer_untouched(tmp_path):
+    from sqdf_fast.train import guarded_step, make_optimizer
+    p = torch.nn.Parameter(torch.ones(3))
+    cfg = tiny(tmp_path)
+    optimizer = make_optimizer([p], cfg, torch.device("cpu"))
+    p.grad = torch.full((3,), float("nan"))
+    guarded_step(optimizer, torch.tensor(False))
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert float(optimizer.state[p]["step"]) == 0 and not optimizer.state[p]["exp_avg"].any()
+    p.grad = torch.ones(3)
+    guarded_step(optimizer, torch.tensor(True))
+    assert (p.detach() < 1).all() and float(optimizer.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--gamma", "0"], "gamma"), (["--gamma", "1.5"], "gamma"), (["--alpha", "-1"], "alpha"),
+    (["--eta", "0"], "eta"), (["--buffer-size", "4", "--batch-size", "8"], "buffer_size"),
+    (["--task", "nonesuch"], "task"), (["--model", "/no/such/folder"], "model"),
+    (["--grad-accum", "3"], "grad_accum"), (["--device", "tpu"], "device"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, name):
+    with pytest.raises(SystemExit) as err:
+        config.parse(args + ["--out", str(tmp_path / "run")])
+    message = str(err.value)
+    assert message.startswith(f"error: {name}=") and "\n" not in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_method_and_bad_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        config.parse(["--method", "ppo"])
+    assert "method" in capsys.readouterr().err
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"gamma": 0.5, "not_a_field": 1}))
+    with pytest.raises(SystemExit) as err:
+        config.parse(["--config", str(bad)])
+    assert "not_a_field" in str(err.value)
+
+
+def test_model_folder_missing_weights(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        main(["--model", str(tmp_path), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "base_unet.safetensors" in str(err.value)
+
+
+def test_config_file_and_cli_precedence(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"gamma": 0.5, "alpha": 0.1}))
+    cfg, resume = config.parse(["--config", str(file), "--alpha", "0.3", "--no-buffer"])
+    assert (cfg.gamma, cfg.alpha, cfg.buffer, resume) == (0.5, 0.3, False, None)
