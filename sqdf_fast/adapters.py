@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
@@ -10,11 +12,15 @@ from torch import Tensor, nn
 POLICY = "policy"
 
 
-def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> list[nn.Parameter]:
-    """Attach a trainable float32 LoRA (B initialised to zero, so policy = base at the start); freeze the rest."""
+def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> list[nn.Parameter]:
+    """Attach a trainable float32 LoRA (B initialised to zero, so policy = base at the start); freeze the rest.
+
+    A's random initialisation comes from `seed` without touching the global RNG."""
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-    inject_adapter_in_model(config, model, adapter_name=POLICY)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model, adapter_name=POLICY)
     params = [p for name, p in model.named_parameters() if f".{POLICY}." in name]
     if not params:
         raise ValueError(f"lora targets {targets} match no module of {type(model).__name__}")

@@ -6,6 +6,7 @@ A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so `chec
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -47,9 +48,9 @@ def load(run_dir: Path, map_location: torch.device | str = "cpu") -> tuple[dict,
     try:
         adapter = {k: v.to(map_location) for k, v in load_file(str(folder / ADAPTER)).items()}
         state = torch.load(folder / STATE, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError) as err:
+    except (OSError, RuntimeError, SafetensorError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"resume={str(run_dir)!r}: checkpoint is unreadable ({type(err).__name__}: {err})") from err
-    missing = {"step", "optimizer", "generator", "buffer", "base_metrics", "guard"} - set(state)
+    missing = {"step", "optimizer", "generator", "buffer", "base_metrics", "guard", "fresh", "window"} - set(state)
     if missing:
         raise ValueError(f"resume={str(run_dir)!r}: checkpoint lacks {', '.join(sorted(missing))}")
     return adapter, state

@@ -154,7 +154,7 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     if cfg.reward is not None:
         task.reward = tasks.load_callable(cfg.reward, "reward")
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
-    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     method = SQDF(task, schedule, cfg)
     optimizer = make_optimizer(params, cfg, device)
     generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed))
@@ -176,6 +176,8 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         guard.streak.fill_(state["guard"]["streak"])
         guard.reported = state["guard"]["total"]
         first_step, base, wall_before = state["step"], state["base_metrics"], state["wall_s"]
+        fresh = state["fresh"]     # the last rollout's reward, conditions and images, for logging before the next one
+        window = state["window"]   # per-step metrics not yet logged
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         rows = [row for row in rows if row["step"] <= first_step]   # drop what the interrupted run logged later
         print(f"resumed {out} at step {first_step}")
@@ -185,7 +187,7 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         base, base_images = evaluate(method, cfg, device, with_kl=False)
         save_grid(base_images.view(-1, cfg.eval_per_class, *base_images.shape[1:])[:, :8].flatten(0, 1),
                   out / "samples_base.png", nrow=8)
-        first_step, wall_before, rows = 0, 0.0, []
+        first_step, wall_before, rows, fresh, window = 0, 0.0, [], None, []
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     metrics_file = open(out / "metrics.jsonl", "a")
 
@@ -198,6 +200,7 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         state = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                  "buffer": buffer.state_dict() if buffer is not None else {}, "base_metrics": base,
                  "guard": {"total": int(guard.total), "streak": int(guard.streak)},
+                 "fresh": {k: fresh[k] for k in ("reward", "cond", "images")}, "window": window,
                  "wall_s": wall_before + time.time() - start}
         checkpoint.save(out, adapter_state_dict(task.unet), state)
 
@@ -207,8 +210,6 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
           f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB | run dir {out}")
     print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")
 
-    window: list[dict[str, Tensor]] = []
-    fresh = None
     bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, disable=not cfg.progress,
                dynamic_ncols=True, desc="sqdf")
     for step in bar:

@@ -14,7 +14,7 @@ def setup(**overrides):
     cfg = config.TrainConfig(**overrides)
     task = digits.make_task(cfg)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps)
-    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+    params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     return cfg, task, schedule, params, SQDF(task, schedule, cfg)
 
 

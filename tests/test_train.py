@@ -36,9 +36,9 @@ def test_run_directory_contract(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    straight = tiny(tmp_path / "a")
+    straight = tiny(tmp_path / "a", log_every=1)
     run(straight)
-    interrupted = tiny(tmp_path / "b", steps=2)
+    interrupted = tiny(tmp_path / "b", steps=3, log_every=1)   # stops between two rollouts (replay_ratio 2)
     run(interrupted)
     with pytest.raises(SystemExit):   # the same out again without --resume refuses to overwrite
         main(["--config", str(tmp_path / "b" / "run" / "config.json")])
@@ -56,8 +56,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     rows_a = [json.loads(l) for l in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(l) for l in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
-    # b logged its own final evaluation at step 2 before being resumed
-    assert strip(rows_a) == [r for r in strip(rows_b) if not (r["step"] == 2 and "eval_reward" in r)]
+    # b logged its own final evaluation at step 3 before being resumed
+    assert strip(rows_a) == [r for r in strip(rows_b) if not (r["step"] == 3 and "eval_reward" in r)]
 
 
 def test_resume_missing_or_corrupt_checkpoint(tmp_path, capsys):
