@@ -75,7 +75,7 @@ def distill(teacher_eps: Callable[[Tensor, Tensor, Tensor], Tensor], student: Co
         with torch.no_grad():
             for p_target, p in zip(target.parameters(), student.parameters()):
                 p_target.lerp_(p, 1 - ema_decay)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if log is not None:
             log(step, losses[-1])
     return losses

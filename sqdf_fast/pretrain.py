@@ -35,20 +35,20 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded[..., dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
 
 
-def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, val: tuple[Tensor, Tensor], steps: int,
-                     seed: int) -> dict:
+def train_classifier(model: nn.Module, images: Tensor, targets: Tensor, val: tuple[Tensor, Tensor], steps: int,
+                     seed: int, loss_fn, predict) -> dict:
+    """Train on shifted images; report the validation accuracy of predict(model(images)) against the targets."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     for step in range(steps):
         idx = torch.randint(0, images.shape[0], (128,), generator=generator)
-        loss = F.cross_entropy(model(augment(images[idx], generator)), labels[idx])
+        loss = loss_fn(model(augment(images[idx], generator)), targets[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(val[0]).argmax(-1) == val[1]).float().mean())
-    return {"steps": steps, "final_loss": float(loss), "val_accuracy": accuracy}
+    model.requires_grad_(False).eval()
+    accuracy = float((predict(model(val[0])) == val[1]).float().mean())
+    return {"steps": steps, "final_loss": loss.detach().item(), "val_accuracy": accuracy}
 
 
 def train_base(unet: nn.Module, images: Tensor, labels: Tensor, schedule: DDIMSchedule, steps: int, batch: int,
@@ -78,7 +78,7 @@ def train_base(unet: nn.Module, images: Tensor, labels: Tensor, schedule: DDIMSc
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), unet.parameters()):
                 p_ema.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         log("base", step, losses[-1])
     return ema.eval(), losses
 
@@ -88,17 +88,20 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
             labels: Tensor, schedule: DDIMSchedule, guidance: float, seed: int) -> tuple[dict, Tensor]:
     """The consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples.
 
-    From real digits noised to t_j: the MSE of each estimate to the clean digit (Tweedie, the posterior mean, is the
-    MSE-optimal estimate), and how well r(estimate) predicts the reward of the base model's own multi-step
-    continuations from the same x_t, E[r(x0) | x_t], the quantity the soft Q approximates.
+    From real digits noised to t_j, for each one-step estimate: its MSE to the clean digit (Tweedie, the posterior
+    mean, is MSE-optimal by construction), its Frechet distance to real digits in evaluator features (is it a
+    plausible digit, which is what a reward trained on clean digits can judge), and how well r(estimate) predicts
+    the reward of the base model's own multi-step continuations from the same x_t, E[r(x0) | x_t] (the soft value
+    at low temperature): mean absolute error and per-sample correlation.
     """
     generator = torch.Generator().manual_seed(seed)
-    n, continuations = 128, 4
+    n, continuations = 200, 4
     idx = torch.randperm(images.shape[0], generator=generator)[:n]
     x0, cond = images[idx], labels[idx]
     denoiser = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
                                           torch.full_like(c, digits.NULL_CLASS), guidance)
     reward = digits.reward_fn(classifier)
+    real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
     by_noise = []
     for j in (0, 2, 5, 10, 15, schedule.num_steps - 1):
         t_value = int(schedule.timesteps[j])
@@ -113,14 +116,15 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
         for name, est in estimates.items():
             r = reward(est, cond)
             row[f"mse_to_data_{name}"] = float((est - x0).square().mean())
+            row[f"fd_{name}"] = per_class_fd(evaluator.features(est), cond, real)
             row[f"reward_{name}"] = float(r.mean())
             row[f"soft_q_abs_error_{name}"] = float((r - target).abs().mean())
+            row[f"soft_q_correlation_{name}"] = float(torch.corrcoef(torch.stack([r, target]))[0, 1])
         by_noise.append(row)
     eval_cond = torch.arange(digits.NUM_CLASSES).repeat_interleave(50)
     x_T = torch.randn((eval_cond.shape[0], *images.shape[1:]), generator=generator)
     _, multi_step, _ = rollout(denoiser, schedule, x_T, eval_cond, 1.0, generator)
     one_step = cm(x_T, schedule.timesteps[0].expand(eval_cond.shape[0]), eval_cond)
-    real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
     samples = {}
     for name, x in (("ddim_%d_steps" % schedule.num_steps, multi_step), ("consistency_1_step", one_step)):
         feats = evaluator.features(x)
@@ -136,96 +140,101 @@ def save_fp16(module: nn.Module, path: Path) -> None:
     save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def report_measurements(out: Path, report: dict, nets: tuple, args) -> None:
-    images, labels = digits.load_data()
-    schedule = DDIMSchedule.build(digits.SCHEDULER_CONFIG, args.sample_steps)
-    report["measurements"], grid = measure(*nets, images, labels, schedule, args.cm_guidance, args.seed + 5)
-    save_grid(grid, out / "pretrain_samples.png", nrow=16)
-    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["measurements"], indent=1))
+STAGES = ("reward", "evaluator", "base", "consistency")
 
 
-def remeasure(out: Path, args) -> None:
-    report = json.loads((out / "pretrain_report.json").read_text())
-    alphas = DDIMSchedule.build(digits.SCHEDULER_CONFIG, 1).alphas_cumprod
-    nets = (digits.load_weights(digits.build_unet(), out / "base_unet.safetensors"),
-            ConsistencyModel(digits.load_weights(digits.build_unet(), out / "consistency_unet.safetensors"),
-                             digits.unet_eps, alphas),
-            digits.load_weights(digits.RewardClassifier(), out / "reward.safetensors"),
-            digits.load_weights(digits.Evaluator(), out / "evaluator.safetensors"))
-    report_measurements(out, report, nets, argparse.Namespace(**{**report["args"], **vars(args)}))
+def smoothed_bce(logit: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy against targets smoothed to 0.05 / 0.95: keeps the reward's logits in a few units
+    (log p(bold) of a clearly thin digit about -3, not -15), so the reward scale is graded, not saturated."""
+    return F.binary_cross_entropy_with_logits(logit, 0.05 + 0.9 * target)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(digits.WEIGHTS_DIR), help="output folder (default: the shipped weights)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated networks to train (default all); the others are loaded from --out. "
+                             "Each stage has its own seed, so training one alone gives what a full run gives. "
+                             "'none' redoes only the measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--base-batch", type=int, default=64)
     parser.add_argument("--base-lr", type=float, default=1e-3)
-    parser.add_argument("--cm-steps", type=int, default=1500)
+    parser.add_argument("--cm-steps", type=int, default=2000)
     parser.add_argument("--cm-batch", type=int, default=64)
-    parser.add_argument("--cm-lr", type=float, default=1e-4)
+    parser.add_argument("--cm-lr", type=float, default=2e-4)
+    parser.add_argument("--cm-grid-step", type=int, default=50,
+                        help="teacher ODE step; 50 puts the grid on the 20-step DDIM timesteps 1, 51, ..., 951")
     parser.add_argument("--cm-guidance", type=float, default=1.0, help="teacher guidance baked into the CM")
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the multi-step comparison")
-    parser.add_argument("--measure-only", action="store_true",
-                        help="load the networks from --out and redo only the measurements")
     args = parser.parse_args(argv)
+    stages = [] if args.stages == "none" else args.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "pretrain_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() and len(stages) < len(STAGES) else {}
+    report.update({"args": vars(args), "torch": torch.__version__})
     start = time.time()
-    if args.measure_only:
-        remeasure(out, args)
-        return
-    torch.manual_seed(args.seed)
     images, labels = digits.load_data()
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))
     train_idx, val_idx = perm[:1500], perm[1500:]
-    val = (images[val_idx], labels[val_idx])
-    report = {"args": vars(args), "torch": torch.__version__}
+    schedule = DDIMSchedule.build(digits.SCHEDULER_CONFIG, args.sample_steps)
 
     def log(stage: str, step: int, loss: float) -> None:
         if step % 250 == 0:
             print(f"[{time.time() - start:6.0f}s] {stage} step {step} loss {loss:.4f}", flush=True)
 
-    torch.manual_seed(args.seed + 1)
-    classifier = digits.RewardClassifier()
-    report["reward"] = train_classifier(classifier, images[train_idx], labels[train_idx], val,
-                                        args.classifier_steps, args.seed + 1)
-    torch.manual_seed(args.seed + 2)
-    evaluator = digits.Evaluator()
-    report["evaluator"] = train_classifier(evaluator, images[train_idx], labels[train_idx], val,
-                                           args.classifier_steps, args.seed + 2)
-    print(f"reward classifier {report['reward']}\nevaluator {report['evaluator']}", flush=True)
-    classifier.requires_grad_(False)
-    evaluator.requires_grad_(False)
+    def stage(name: str, file: str, module: nn.Module, train) -> nn.Module:
+        if name not in stages:
+            return digits.load_weights(module, out / file)
+        stage_start = time.time()
+        torch.manual_seed(args.seed + 1 + STAGES.index(name))
+        module, record = train(module, args.seed + 1 + STAGES.index(name))
+        report[name] = {**record, "wall_s": round(time.time() - stage_start, 1)}
+        print(f"{name}: {({k: v for k, v in report[name].items() if k != 'loss_every_100'})}", flush=True)
+        save_fp16(module, out / file)
+        return module.requires_grad_(False).eval()
 
-    schedule = DDIMSchedule.build(digits.SCHEDULER_CONFIG, args.sample_steps)
-    torch.manual_seed(args.seed + 3)
-    base, base_losses = train_base(digits.build_unet(), images, labels, schedule, args.base_steps, args.base_batch,
-                                   args.base_lr, args.seed + 3, log)
-    base.requires_grad_(False)
-    report["base"] = {"loss_every_100": [sum(base_losses[i:i + 100]) / len(base_losses[i:i + 100])
-                                         for i in range(0, len(base_losses), 100)],
-                      "wall_s": round(time.time() - start, 1)}
+    bold = digits.boldness_labels(images, labels)
+    classifier = stage("reward", "reward.safetensors", digits.BoldnessClassifier(), lambda m, seed: (m, train_classifier(
+        m, images[train_idx], bold[train_idx], (images[val_idx], bold[val_idx]), args.classifier_steps, seed,
+        smoothed_bce, lambda logit: (logit > 0).float())))
+    evaluator = stage("evaluator", "evaluator.safetensors", digits.Evaluator(), lambda m, seed: (m, train_classifier(
+        m, images[train_idx], labels[train_idx], (images[val_idx], labels[val_idx]), args.classifier_steps, seed,
+        F.cross_entropy, lambda logits: logits.argmax(-1))))
 
-    cm = ConsistencyModel(copy.deepcopy(base).requires_grad_(True).train(), digits.unet_eps, schedule.alphas_cumprod)
-    teacher = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
-                                         torch.full_like(c, digits.NULL_CLASS), args.cm_guidance)
-    cm_losses = distill(teacher, cm, images, labels, schedule.alphas_cumprod, args.cm_steps, args.cm_batch,
-                        args.cm_lr, torch.Generator().manual_seed(args.seed + 4),
-                        log=lambda step, loss: log("consistency", step, loss))
-    cm.requires_grad_(False).eval()
-    report["consistency"] = {"loss_every_100": [sum(cm_losses[i:i + 100]) / len(cm_losses[i:i + 100])
-                                                for i in range(0, len(cm_losses), 100)]}
-    save_fp16(base, out / "base_unet.safetensors")
-    save_fp16(cm.net, out / "consistency_unet.safetensors")
-    save_fp16(classifier, out / "reward.safetensors")
-    save_fp16(evaluator, out / "evaluator.safetensors")
-    report["training_wall_s"] = round(time.time() - start, 1)
-    report_measurements(out, report, (base, cm, classifier, evaluator), args)
+    def train_base_stage(unet, seed):
+        ema, losses = train_base(unet, images, labels, schedule, args.base_steps, args.base_batch, args.base_lr,
+                                 seed, log)
+        return ema, {"loss_every_100": every_100(losses)}
+    base = stage("base", "base_unet.safetensors", digits.build_unet(), train_base_stage)
+
+    def train_consistency_stage(unet, seed):
+        unet.load_state_dict(base.state_dict())   # initialised from the teacher
+        cm = ConsistencyModel(unet.requires_grad_(True).train(), digits.unet_eps, schedule.alphas_cumprod)
+        teacher = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
+                                             torch.full_like(c, digits.NULL_CLASS), args.cm_guidance)
+        losses = distill(teacher, cm, images, labels, schedule.alphas_cumprod, args.cm_steps, args.cm_batch,
+                         args.cm_lr, torch.Generator().manual_seed(seed), grid_step=args.cm_grid_step,
+                         log=lambda step, loss: log("consistency", step, loss))
+        return unet, {"loss_every_100": every_100(losses)}
+    cm_net = stage("consistency", "consistency_unet.safetensors", digits.build_unet(), train_consistency_stage)
+    cm = ConsistencyModel(cm_net, digits.unet_eps, schedule.alphas_cumprod)
+
+    report["measurements"], grid = measure(base, cm, classifier, evaluator, images, labels, schedule,
+                                           args.cm_guidance, args.seed + 1 + len(STAGES))
+    save_grid(grid, out / "pretrain_samples.png", nrow=16)
+    report_path.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["measurements"], indent=1))
     print(f"wrote {out} in {time.time() - start:.0f} s")
+
+
+def every_100(losses: list[float]) -> list[float]:
+    return [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]
 
 
 if __name__ == "__main__":

@@ -138,3 +138,11 @@ def test_config_file_and_cli_precedence(tmp_path):
     file.write_text(json.dumps({"gamma": 0.5, "alpha": 0.1}))
     cfg, resume = config.parse(["--config", str(file), "--alpha", "0.3", "--no-buffer"])
     assert (cfg.gamma, cfg.alpha, cfg.buffer, resume) == (0.5, 0.3, False, None)
+
+
+def test_short_run_raises_reward(tmp_path):
+    """A short SQDF run on the shipped digits model makes its samples (same evaluation seeds) bolder."""
+    cfg = tiny(tmp_path, steps=12, batch_size=16, rollout_batch=16, buffer_size=64, sample_steps=10,
+               eval_per_class=8, log_every=6, checkpoint_every=12, lr=5e-3)
+    summary = run(cfg)
+    assert summary["reward_final"] > summary["reward_base"] + 0.2, summary

@@ -3,9 +3,10 @@
 Networks, all trained by `python -m sqdf_fast.pretrain` and shipped in `sqdf_fast/weights/digits/`:
 - base: a diffusers UNet2DModel with class embeddings (10 digits + a null class for classifier-free guidance);
 - consistency: the same architecture, consistency-distilled from the base (one-step x0);
-- reward: a CNN classifier; r(x, c) = log p(c | x), how surely it reads the requested digit. Over-optimised, it
-  collapses each class to a few over-confident prototypes and then to off-manifold patterns: diversity falls and fd
-  rises, which the evaluator shows;
+- reward: a CNN that tells bold digits from thin ones (bold = more ink than the median digit of its class);
+  r(x, c) = log p(bold | x). The base model draws bold digits about half the time, so there is room to improve.
+  Over-optimised, strokes thicken into blobs that no longer look like digits of their class: diversity falls and
+  the evaluator's fd rises;
 - evaluator: an MLP of another architecture and seed, used only for metrics (its 32-d features).
 """
 from __future__ import annotations
@@ -60,8 +61,8 @@ def unet_eps(unet: nn.Module, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
     return unet(x, t, class_labels=cond).sample
 
 
-class RewardClassifier(nn.Module):
-    """CNN digit classifier; the reward is its log-probability of the requested class."""
+class BoldnessClassifier(nn.Module):
+    """CNN giving the logit of "bold": more ink than the median digit of the same class."""
 
     def __init__(self):
         super().__init__()
@@ -69,11 +70,11 @@ class RewardClassifier(nn.Module):
             nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
             nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.SiLU(), nn.Linear(128, NUM_CLASSES),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.SiLU(), nn.Linear(128, 1),
         )
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
+        return self.net(images).squeeze(1)
 
 
 class Evaluator(nn.Module):
@@ -113,9 +114,17 @@ def check_weights_dir(path: str | Path) -> Path:
     return path
 
 
-def reward_fn(classifier: RewardClassifier):
+def boldness_labels(images: Tensor, labels: Tensor) -> Tensor:
+    """1.0 where a digit has more ink than the median digit of its class, else 0.0."""
+    ink = (images + 1).flatten(1).sum(1)
+    medians = torch.stack([ink[labels == c].median() for c in range(NUM_CLASSES)])
+    return (ink > medians[labels]).float()
+
+
+def reward_fn(classifier: BoldnessClassifier):
+    """r(images, cond) = log p(bold | images); images in [-1, 1] as the task decodes them (normalised once)."""
     def reward(images: Tensor, cond: Tensor) -> Tensor:
-        return classifier(images).log_softmax(-1).gather(1, cond.view(-1, 1)).squeeze(1)
+        return F.logsigmoid(classifier(images))
     return reward
 
 
@@ -126,7 +135,7 @@ def make_task(cfg) -> Task:
     alphas = DDIMSchedule.build(SCHEDULER_CONFIG, 1).alphas_cumprod
     consistency = ConsistencyModel(load_weights(build_unet(), weights / "consistency_unet.safetensors"), unet_eps,
                                    alphas).requires_grad_(False).eval()
-    classifier = load_weights(RewardClassifier(), weights / "reward.safetensors")
+    classifier = load_weights(BoldnessClassifier(), weights / "reward.safetensors")
     evaluator = load_weights(Evaluator(), weights / "evaluator.safetensors")
     images, labels = load_data()
 
