@@ -28,7 +28,7 @@ class TrainConfig:
     eta: float = option(1.0, "sampling", "DDIM stochasticity (> 0: the policy is Gaussian with sigma_j ~ eta)")
     guidance: float = option(1.0, "sampling", "classifier-free guidance w of rollouts, policy and reference")
     # method
-    alpha: float = option(0.02, "method", "KL coefficient, on the method's per-pixel KL scaling (see README)")
+    alpha: float = option(2.0, "method", "KL coefficient, on the method's per-pixel KL scaling (see README)")
     gamma: float = option(0.9, "method", "discount of the reward term: gamma^(T-1-j)")
     q_estimator: str = option("auto", "method", "one-step x0 for the soft Q: consistency model or reference "
                               "Tweedie; auto = consistency when the task has one", ("auto", "consistency", "tweedie"))
@@ -54,7 +54,7 @@ class TrainConfig:
     steps: int = option(80, "optim", "optimizer steps")
     batch_size: int = option(32, "optim", "trained samples (trajectory, step) per optimizer step")
     grad_accum: int = option(1, "optim", "micro-batches per optimizer step (micro-batch = batch_size / grad_accum)")
-    lr: float = option(2e-3, "optim", "AdamW learning rate of the adapter")
+    lr: float = option(1e-3, "optim", "AdamW learning rate of the adapter")
     weight_decay: float = option(0.0, "optim", "AdamW weight decay")
     grad_clip: float = option(1.0, "optim", "gradient-norm clip (0: off)")
     lora_rank: int = option(4, "optim", "policy LoRA rank")
