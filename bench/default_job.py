@@ -38,7 +38,8 @@ def main() -> None:
         "bench": "default_job", "command": "python -m sqdf_fast.train " + " ".join(args.train_args),
         "process_wall_s": round(wall, 1), **summary,
         "diversity_kept": summary["diversity_final"] / summary["diversity_base"],
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -28,7 +28,8 @@ class TrainConfig:
     eta: float = option(1.0, "sampling", "DDIM stochasticity (> 0: the policy is Gaussian with sigma_j ~ eta)")
     guidance: float = option(1.0, "sampling", "classifier-free guidance w of rollouts, policy and reference")
     # method
-    alpha: float = option(2.0, "method", "KL coefficient, on the method's per-pixel KL scaling (see README)")
+    alpha: float = option(2.0, "method", "KL coefficient on the method's per-pixel KL scale: alpha * 2/d per nat "
+                          "of true KL")
     gamma: float = option(0.9, "method", "discount of the reward term: gamma^(T-1-j)")
     q_estimator: str = option("auto", "method", "one-step x0 for the soft Q: consistency model or reference "
                               "Tweedie; auto = consistency when the task has one", ("auto", "consistency", "tweedie"))

@@ -44,7 +44,8 @@ class ConsistencyModel(nn.Module):
 
 def distill(teacher_eps: Callable[[Tensor, Tensor, Tensor], Tensor], student: ConsistencyModel, data: Tensor,
             labels: Tensor, alphas_cumprod: Tensor, steps: int, batch: int, lr: float, generator: torch.Generator,
-            grid_step: int = 10, ema_decay: float = 0.95, log: Callable[[int, float], None] | None = None) -> list[float]:
+            grid_step: int = 10, ema_decay: float = 0.95,
+            log: Callable[[int, float], None] | None = None) -> list[float]:
     """Consistency distillation of `student` from a guided teacher (x, t, cond) -> eps on the grid 1, 1+k, 1+2k...
 
     Returns the loss history. The student's own weights are trained in place; the target is an EMA copy.

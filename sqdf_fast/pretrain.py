@@ -85,7 +85,7 @@ def train_base(unet: nn.Module, images: Tensor, labels: Tensor, schedule: DDIMSc
 
 @torch.no_grad()
 def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evaluator: nn.Module, images: Tensor,
-            labels: Tensor, schedule: DDIMSchedule, guidance: float, seed: int) -> tuple[dict, Tensor]:
+            labels: Tensor, schedule: DDIMSchedule, guidance: float, seed: int, n: int) -> tuple[dict, Tensor]:
     """The consistency model's one-step x0 against the base's Tweedie estimate and against multi-step samples.
 
     From real digits noised to t_j, for each one-step estimate: its MSE to the clean digit (Tweedie, the posterior
@@ -95,7 +95,7 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
     at low temperature): mean absolute error and per-sample correlation.
     """
     generator = torch.Generator().manual_seed(seed)
-    n, continuations = 200, 4
+    continuations, per_class = 4, max(8, n // 4)
     idx = torch.randperm(images.shape[0], generator=generator)[:n]
     x0, cond = images[idx], labels[idx]
     denoiser = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
@@ -103,7 +103,8 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
     reward = digits.reward_fn(classifier)
     real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
     by_noise = []
-    for j in (0, 2, 5, 10, 15, schedule.num_steps - 1):
+    steps = schedule.num_steps
+    for j in sorted({0, steps // 10, steps // 4, steps // 2, 3 * steps // 4, steps - 1}):
         t_value = int(schedule.timesteps[j])
         t = torch.full((n,), t_value)
         a = schedule.alpha_t[j]
@@ -121,7 +122,7 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
             row[f"soft_q_abs_error_{name}"] = float((r - target).abs().mean())
             row[f"soft_q_correlation_{name}"] = float(torch.corrcoef(torch.stack([r, target]))[0, 1])
         by_noise.append(row)
-    eval_cond = torch.arange(digits.NUM_CLASSES).repeat_interleave(50)
+    eval_cond = torch.arange(digits.NUM_CLASSES).repeat_interleave(per_class)
     x_T = torch.randn((eval_cond.shape[0], *images.shape[1:]), generator=generator)
     _, multi_step, _ = rollout(denoiser, schedule, x_T, eval_cond, 1.0, generator)
     one_step = cm(x_T, schedule.timesteps[0].expand(eval_cond.shape[0]), eval_cond)
@@ -132,7 +133,8 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
                          "reward": float(reward(x, eval_cond).mean())}
     samples["real_data"] = {"diversity": per_class_diversity(evaluator.features(images), labels),
                             "reward": float(reward(images, labels).mean())}
-    grid = torch.cat([multi_step.view(10, 50, 1, 16, 16)[:, :8], one_step.view(10, 50, 1, 16, 16)[:, :8]], 1)
+    by_class = lambda x: x.view(digits.NUM_CLASSES, per_class, *x.shape[1:])[:, :8]
+    grid = torch.cat([by_class(multi_step), by_class(one_step)], 1)
     return {"x0_estimate_by_noise_level": by_noise, "samples": samples}, grid.flatten(0, 1)
 
 
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cm-guidance", type=float, default=1.0, help="teacher guidance baked into the CM")
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the multi-step comparison")
+    parser.add_argument("--measure-samples", type=int, default=200,
+                        help="noised real digits per noise level in the measurements (samples: a quarter per class)")
     args = parser.parse_args(argv)
     stages = [] if args.stages == "none" else args.stages.split(",")
     unknown = set(stages) - set(STAGES)
@@ -188,22 +192,23 @@ def main(argv: list[str] | None = None) -> None:
         if step % 250 == 0:
             print(f"[{time.time() - start:6.0f}s] {stage} step {step} loss {loss:.4f}", flush=True)
 
-    def stage(name: str, file: str, module: nn.Module, train) -> nn.Module:
-        if name not in stages:
-            return digits.load_weights(module, out / file)
-        stage_start = time.time()
-        torch.manual_seed(args.seed + 1 + STAGES.index(name))
-        module, record = train(module, args.seed + 1 + STAGES.index(name))
-        report[name] = {**record, "wall_s": round(time.time() - stage_start, 1)}
-        print(f"{name}: {({k: v for k, v in report[name].items() if k != 'loss_every_100'})}", flush=True)
-        save_fp16(module, out / file)
-        return module.requires_grad_(False).eval()
+    def stage(name: str, file: str, build, train) -> nn.Module:
+        """Train a network from its own seed, or load it; later stages always see the shipped float16 weights."""
+        if name in stages:
+            stage_start = time.time()
+            seed = args.seed + 1 + STAGES.index(name)
+            torch.manual_seed(seed)
+            module, record = train(build(), seed)
+            report[name] = {**record, "wall_s": round(time.time() - stage_start, 1)}
+            print(f"{name}: {({k: v for k, v in report[name].items() if k != 'loss_every_100'})}", flush=True)
+            save_fp16(module, out / file)
+        return digits.load_weights(build(), out / file)
 
     bold = digits.boldness_labels(images, labels)
-    classifier = stage("reward", "reward.safetensors", digits.BoldnessClassifier(), lambda m, seed: (m, train_classifier(
+    classifier = stage("reward", "reward.safetensors", digits.BoldnessClassifier, lambda m, seed: (m, train_classifier(
         m, images[train_idx], bold[train_idx], (images[val_idx], bold[val_idx]), args.classifier_steps, seed,
         smoothed_bce, lambda logit: (logit > 0).float())))
-    evaluator = stage("evaluator", "evaluator.safetensors", digits.Evaluator(), lambda m, seed: (m, train_classifier(
+    evaluator = stage("evaluator", "evaluator.safetensors", digits.Evaluator, lambda m, seed: (m, train_classifier(
         m, images[train_idx], labels[train_idx], (images[val_idx], labels[val_idx]), args.classifier_steps, seed,
         F.cross_entropy, lambda logits: logits.argmax(-1))))
 
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         ema, losses = train_base(unet, images, labels, schedule, args.base_steps, args.base_batch, args.base_lr,
                                  seed, log)
         return ema, {"loss_every_100": every_100(losses)}
-    base = stage("base", "base_unet.safetensors", digits.build_unet(), train_base_stage)
+    base = stage("base", "base_unet.safetensors", digits.build_unet, train_base_stage)
 
     def train_consistency_stage(unet, seed):
         unet.load_state_dict(base.state_dict())   # initialised from the teacher
@@ -222,11 +227,11 @@ def main(argv: list[str] | None = None) -> None:
                          args.cm_lr, torch.Generator().manual_seed(seed), grid_step=args.cm_grid_step,
                          log=lambda step, loss: log("consistency", step, loss))
         return unet, {"loss_every_100": every_100(losses)}
-    cm_net = stage("consistency", "consistency_unet.safetensors", digits.build_unet(), train_consistency_stage)
+    cm_net = stage("consistency", "consistency_unet.safetensors", digits.build_unet, train_consistency_stage)
     cm = ConsistencyModel(cm_net, digits.unet_eps, schedule.alphas_cumprod)
 
     report["measurements"], grid = measure(base, cm, classifier, evaluator, images, labels, schedule,
-                                           args.cm_guidance, args.seed + 1 + len(STAGES))
+                                           args.cm_guidance, args.seed + 1 + len(STAGES), args.measure_samples)
     save_grid(grid, out / "pretrain_samples.png", nrow=16)
     report_path.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["measurements"], indent=1))

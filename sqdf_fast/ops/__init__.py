@@ -82,7 +82,8 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
     return reference.policy_step(x, eps, alpha_t, alpha_prev, eta, noise, eps_ref)
 
 
-def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float, weight: Tensor | None = None) -> Tensor:
+def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
+              weight: Tensor | None = None) -> Tensor:
     """Scalar mean(weight * (-gamma**k * reward + alpha * kl)); k = denoising steps left after the trained one."""
     _check_tensor("reward", reward)
     if reward.dim() != 1:
