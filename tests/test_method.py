@@ -76,7 +76,9 @@ def test_last_step_uses_the_action_itself():
     cond = torch.tensor([1, 2, 3])
     x0 = method.x0_estimate(a, j, cond)
     torch.testing.assert_close(x0[:2], a[:2])
-    torch.testing.assert_close(x0[2:], task.consistency(a[2:], schedule.next_timesteps[j[2:]], cond[2:]))
+    # the same network on a batch of 1: batched kernels may differ in the last bits
+    torch.testing.assert_close(x0[2:], task.consistency(a[2:], schedule.next_timesteps[j[2:]], cond[2:]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_checkpointed_estimator_gives_the_same_gradients():
@@ -120,10 +122,11 @@ def test_discount_exponent_is_steps_remaining(monkeypatch):
     cfg, task, schedule, params, method = setup()
     seen = {}
     from sqdf_fast import ops
+    original = ops.sqdf_loss
 
     def spy(reward, kl, k, gamma, alpha, weight=None):
         seen.update(k=k, gamma=gamma, alpha=alpha)
-        return ops.sqdf_loss(reward, kl, k, gamma, alpha, weight)
+        return original(reward, kl, k, gamma, alpha, weight)
 
     monkeypatch.setattr("sqdf_fast.method.ops.sqdf_loss", spy)
     x, j, cond, g = batch(task)
