@@ -28,8 +28,12 @@ def save_curves(rows: list[dict], path: str | Path, keys: tuple[str, ...]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [k for k in keys if any(k in row for row in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    ncols = min(5, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         points = np.array([(row["step"], row[key]) for row in rows if key in row], dtype=float)
         ax.plot(points[:, 0], points[:, 1], marker="." if len(points) < 30 else None)
         ax.set_title(key)

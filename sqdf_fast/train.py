@@ -187,7 +187,8 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         base, base_images = evaluate(method, cfg, device, with_kl=False)
         save_grid(base_images.view(-1, cfg.eval_per_class, *base_images.shape[1:])[:, :8].flatten(0, 1),
                   out / "samples_base.png", nrow=8)
-        first_step, wall_before, rows, fresh, window = 0, 0.0, [], None, []
+        first_step, wall_before, fresh, window = 0, 0.0, None, []
+        rows = [{"step": 0, **{f"eval_{k}": v for k, v in base.items()}}]
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     metrics_file = open(out / "metrics.jsonl", "a")
 
