@@ -151,6 +151,9 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     saved = checkpoint.load(out, device) if resume is not None else None   # fails before anything is written
 
     task = tasks.resolve(cfg.task)(cfg).to(device)
+    missing = [name for name in ("features", "real_features", "eval_conditions") if getattr(task, name) is None]
+    if missing:
+        raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
     if cfg.reward is not None:
         task.reward = tasks.load_callable(cfg.reward, "reward")
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)

@@ -1,11 +1,6 @@
 """Rewards given to the trainer as `--reward rewards_for_tests:NAME` (tests/ is on sys.path under pytest)."""
-import torch
 
 
 def always_nan(images, cond):
     return images.flatten(1).mean(1) * float("nan")
 
-
-def brightness(images, cond):
-    """A plain differentiable reward: mean pixel value."""
-    return images.flatten(1).mean(1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sqdf_fast.buffer import SAMPLERS, ReplayBuffer
+from sqdf_fast.buffer import ReplayBuffer
 from sqdf_fast.method import sample_steps
 
 F64 = torch.float64
