@@ -105,13 +105,13 @@ def draw(micro: int, fresh: dict | None, buffer: ReplayBuffer | None, cfg: confi
         return buffer.states[slots, j].float(), j, buffer.cond[slots], weight
     if buffer is not None:
         slots, _, _ = buffer.sample(n_traj, cfg.buffer_sampler, generator)
-        states, cond = buffer.states[slots], buffer.cond[slots]
+        states, cond = buffer.states, buffer.cond
     else:
         slots = torch.arange(micro * n_traj, (micro + 1) * n_traj, device=device)
-        states, cond = fresh["states"][slots], fresh["cond"][slots]
-    rows = torch.arange(n_traj, device=device).repeat_interleave(cfg.steps_per_trajectory)
+        states, cond = fresh["states"], fresh["cond"]
+    rows = slots.repeat_interleave(cfg.steps_per_trajectory)
     j, weight = sample_steps(size, num_steps, cfg.step_sampler, cfg.gamma, generator, device)
-    return states[rows, j].float(), j, cond[rows], weight
+    return states[rows, j].float(), j, cond[rows], weight   # gathers only the trained states, not whole trajectories
 
 
 class Guard:
