@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sqdf_fast.schedule import step_discounts
+
 SAMPLERS = ("uniform", "newest", "reward-gamma")
 
 
@@ -40,11 +42,6 @@ class ReplayBuffer:
         self.next = (self.next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
-    def discount_weights(self, gamma: float) -> Tensor:
-        """(T,) gamma^(T-1-j): the reward discount of transition j."""
-        k = torch.arange(self.num_steps - 1, -1, -1, device=self.states.device, dtype=torch.float32)
-        return torch.pow(torch.tensor(gamma, device=k.device), k)
-
     def sample(self, n: int, sampler: str, generator: torch.Generator, gamma: float = 1.0,
                importance_weights: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(slots (n,), steps (n,) or None, weights (n,) or None).
@@ -68,7 +65,7 @@ class ReplayBuffer:
         low = torch.where(finite, reward, torch.inf).min().nan_to_num(posinf=0.0)   # 0 when none is finite
         spread = (torch.where(finite, reward, low).max() - low).clamp(min=1e-6)
         priority = torch.where(finite, reward - low, 0.0) + 1e-3 * spread
-        step_weight = self.discount_weights(gamma)
+        step_weight = step_discounts(self.num_steps, gamma, device)
         slots = torch.multinomial(priority, n, replacement=True, generator=generator)
         steps = torch.multinomial(step_weight, n, replacement=True, generator=generator)
         if not importance_weights:

@@ -17,14 +17,14 @@ from sqdf_fast import ops
 from sqdf_fast.adapters import adapters_disabled
 from sqdf_fast.ops.reference import per_sample
 from sqdf_fast.rollout import guided_eps
-from sqdf_fast.schedule import DDIMSchedule
+from sqdf_fast.schedule import DDIMSchedule, step_discounts
 from sqdf_fast.tasks import Task
 
 
 class SQDF:
     def __init__(self, task: Task, schedule: DDIMSchedule, cfg):
         self.task, self.schedule, self.cfg = task, schedule, cfg
-        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto" and task.consistency)
+        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto" and task.consistency is not None)
         if use_consistency and task.consistency is None:
             raise ValueError(f"q_estimator='consistency': task {task.name!r} has no consistency model")
         self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0
@@ -91,8 +91,7 @@ def sample_steps(n: int, num_steps: int, sampler: str, gamma: float, generator: 
         raise ValueError(f"step_sampler={sampler!r}: must be uniform or discounted")
     if sampler == "uniform":
         return torch.randint(0, num_steps, (n,), generator=generator, device=device), None
-    k = torch.arange(num_steps - 1, -1, -1, device=device, dtype=torch.float32)
-    q = torch.pow(torch.tensor(gamma, device=device), k)
+    q = step_discounts(num_steps, gamma, device)
     q = q / q.sum()
     j = torch.multinomial(q, n, replacement=True, generator=generator)
     return j, 1.0 / (num_steps * q[j])

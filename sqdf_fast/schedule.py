@@ -51,6 +51,16 @@ class DDIMSchedule:
                             self.alpha_t.to(device, dtype), self.alpha_prev.to(device, dtype),
                             self.alphas_cumprod.to(device, dtype))
 
+    def discounts(self, gamma: float) -> Tensor:
+        """(T,) gamma^(T-1-j): the reward discount of transition j."""
+        return step_discounts(self.num_steps, gamma, self.timesteps.device)
+
     def sigma(self, eta: float) -> Tensor:
         """(T,) DDIM noise scale sigma_j for stochasticity eta."""
         return ddim_sigma(self.alpha_t, self.alpha_prev, eta)
+
+
+def step_discounts(num_steps: int, gamma: float, device: torch.device | str) -> Tensor:
+    """(T,) float32 gamma^(T-1-j) for j = 0..T-1: k = T-1-j transitions remain after the trained one."""
+    k = torch.arange(num_steps - 1, -1, -1, device=device, dtype=torch.float32)
+    return torch.pow(torch.tensor(gamma, device=device), k)

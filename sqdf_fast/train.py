@@ -138,6 +138,15 @@ class Guard:
         return total
 
 
+def eval_row(step: int, metrics: dict) -> dict:
+    return {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+
+
+def save_samples(images: Tensor, per_class: int, path: Path) -> None:
+    """The first 8 evaluation samples of each condition, one row per condition."""
+    save_grid(images.view(-1, per_class, *images.shape[1:])[:, :8].flatten(0, 1), path, nrow=8)
+
+
 def fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -188,10 +197,9 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         base, base_images = evaluate(method, cfg, device, with_kl=False)
-        save_grid(base_images.view(-1, cfg.eval_per_class, *base_images.shape[1:])[:, :8].flatten(0, 1),
-                  out / "samples_base.png", nrow=8)
+        save_samples(base_images, cfg.eval_per_class, out / "samples_base.png")
         first_step, wall_before, fresh, window = 0, 0.0, None, []
-        rows = [{"step": 0, **{f"eval_{k}": v for k, v in base.items()}}]
+        rows = [eval_row(0, base)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     metrics_file = open(out / "metrics.jsonl", "a")
 
@@ -248,20 +256,16 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
                        f"diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             metrics, _ = evaluate(method, cfg, device, with_kl=True)
-            write_row({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
+            write_row(eval_row(done, metrics))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             guard.check(done)
             save_checkpoint(done)
     bar.close()
-    metrics_file.close()
 
     final, final_images = evaluate(method, cfg, device, with_kl=True)
-    save_grid(final_images.view(-1, cfg.eval_per_class, *final_images.shape[1:])[:, :8].flatten(0, 1),
-              out / "samples_final.png", nrow=8)
-    with open(out / "metrics.jsonl", "a") as handle:
-        row = {"step": cfg.steps, **{f"eval_{k}": v for k, v in final.items()}}
-        handle.write(json.dumps(row) + "\n")
-    rows.append(row)
+    write_row(eval_row(cfg.steps, final))
+    metrics_file.close()
+    save_samples(final_images, cfg.eval_per_class, out / "samples_final.png")
     save_curves(rows, out / "curves.png", ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward",
                                            "eval_diversity", "eval_fd", "eval_kl"))
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
