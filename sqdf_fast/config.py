@@ -23,6 +23,8 @@ class TrainConfig:
     out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)")
     seed: int = option(0, "task", "seed of every random stream (each data-parallel rank derives its own)")
     device: str = option("auto", "task", "auto (CUDA when present), cpu, cuda, cuda:N")
+    kernels: str = option("auto", "task", "op backend: auto (Triton on CUDA, C++ on CPU, else the torch "
+                          "reference; SQDF_KERNELS applies), torch, cpp, triton", ("auto", "torch", "cpp", "triton"))
     # sampling
     sample_steps: int = option(20, "sampling", "DDIM steps T per trajectory")
     eta: float = option(1.0, "sampling", "DDIM stochasticity (> 0: the policy is Gaussian with sigma_j ~ eta)")

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from sqdf_fast import ops
 from sqdf_fast.ops import reference
 
 SIGMA_DATA = 0.5
@@ -37,9 +38,7 @@ class ConsistencyModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         eps = self.eps_fn(self.net, x, t, cond)
-        x0 = reference.tweedie_x0(x, eps, self.alphas_cumprod[t].to(x.dtype))
-        c_skip, c_out = boundary_scalings(t)
-        return reference.per_sample(c_skip, x) * x + reference.per_sample(c_out, x) * x0
+        return ops.consistency_x0(x, eps, self.alphas_cumprod[t], *boundary_scalings(t))
 
 
 def distill(teacher_eps: Callable[[Tensor, Tensor, Tensor], Tensor], student: ConsistencyModel, data: Tensor,

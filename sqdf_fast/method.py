@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from sqdf_fast import ops
 from sqdf_fast.adapters import adapters_disabled
 from sqdf_fast.ops.reference import per_sample
-from sqdf_fast.rollout import guided_eps
+from sqdf_fast.rollout import GuidedEps, guided_eps
 from sqdf_fast.schedule import DDIMSchedule, step_discounts
 from sqdf_fast.tasks import Task
 
@@ -37,11 +37,11 @@ class SQDF:
     def _eps(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return self.task.eps(self.task.unet, x, t, cond)
 
-    def policy_eps(self, x: Tensor, t: Tensor, cond: Tensor, guidance: float | None = None) -> Tensor:
+    def policy_eps(self, x: Tensor, t: Tensor, cond: Tensor, guidance: float | None = None) -> GuidedEps:
         w = self.cfg.guidance if guidance is None else guidance
         return guided_eps(self._eps, x, t, cond, self.task.null_condition(cond), w)
 
-    def reference_eps(self, x: Tensor, t: Tensor, cond: Tensor, guidance: float | None = None) -> Tensor:
+    def reference_eps(self, x: Tensor, t: Tensor, cond: Tensor, guidance: float | None = None) -> GuidedEps:
         """The base model: the policy's own weights with the adapter off (differentiable in x when grad is on)."""
         with adapters_disabled(self.task.unet):
             return self.policy_eps(x, t, cond, guidance)
@@ -52,7 +52,7 @@ class SQDF:
 
     def _tweedie_x0(self, a: Tensor, j: Tensor, cond: Tensor) -> Tensor:
         eps = self.reference_eps(a, self.schedule.next_timesteps[j], cond, self.cfg.estimator_guidance)
-        return ops.tweedie_x0(a, eps, self.schedule.alpha_prev[j])
+        return ops.tweedie_x0(a, eps.combined(), self.schedule.alpha_prev[j])
 
     def x0_estimate(self, a: Tensor, j: Tensor, cond: Tensor) -> Tensor:
         if self.cfg.checkpoint_estimator and torch.is_grad_enabled():
@@ -70,10 +70,10 @@ class SQDF:
         t = self.schedule.timesteps[j]
         eps = self.policy_eps(x, t, cond)
         with torch.no_grad():
-            eps_ref = self.reference_eps(x, t, cond)
+            ref = self.reference_eps(x, t, cond)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        action, kl = ops.policy_step(x, eps, self.schedule.alpha_t[j], self.schedule.alpha_prev[j], self.cfg.eta,
-                                     noise, eps_ref)
+        action, kl = ops.guided_policy_step(x, eps.cond, eps.uncond, eps.guidance, self.schedule.alpha_t[j],
+                                            self.schedule.alpha_prev[j], self.cfg.eta, noise, ref.cond, ref.uncond)
         reward = self.task.reward(self.task.decode(self.x0_estimate(action, j, cond)), cond)
         if self.cfg.reward_mask:
             mask = (reward > 0).to(reward.dtype)

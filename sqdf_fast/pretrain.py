@@ -109,7 +109,7 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
         t = torch.full((n,), t_value)
         a = schedule.alpha_t[j]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
-        estimates = {"tweedie": reference.tweedie_x0(x_t, denoiser(x_t, t, cond), a), "consistency": cm(x_t, t, cond)}
+        estimates = {"tweedie": reference.tweedie_x0(x_t, denoiser(x_t, t, cond).combined(), a), "consistency": cm(x_t, t, cond)}
         _, samples, _ = rollout(denoiser, schedule, x_t.repeat(continuations, 1, 1, 1), cond.repeat(continuations),
                                 1.0, generator, first_step=j)
         target = reward(samples, cond.repeat(continuations)).view(continuations, n).mean(0)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         unet.load_state_dict(base.state_dict())   # initialised from the teacher
         cm = ConsistencyModel(unet.requires_grad_(True).train(), digits.unet_eps, schedule.alphas_cumprod)
         teacher = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
-                                             torch.full_like(c, digits.NULL_CLASS), args.cm_guidance)
+                                             torch.full_like(c, digits.NULL_CLASS), args.cm_guidance).combined()
         losses = distill(teacher, cm, images, labels, schedule.alphas_cumprod, args.cm_steps, args.cm_batch,
                          args.cm_lr, torch.Generator().manual_seed(seed), grid_step=args.cm_grid_step,
                          log=lambda step, loss: log("consistency", step, loss))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import checkpoint, config, tasks
+from sqdf_fast import checkpoint, config, ops, tasks
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
 from sqdf_fast.buffer import ReplayBuffer
 from sqdf_fast.method import SQDF, sample_steps
@@ -152,8 +152,14 @@ def fmt(value: float) -> str:
 
 
 def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
+    with ops.use_backend(cfg.kernels):
+        return train(cfg, resume)
+
+
+def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     start = time.time()
     device = resolve_device(cfg.device)
+    kernels, why = ops.backend_for(device)   # an impossible --kernels fails here, before any work
     out = Path(cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     if resume is None and (out / "checkpoint").exists():
         raise ValueError(f"out={str(out)!r} already holds a run: pass --resume {out} or choose another --out")
@@ -218,6 +224,7 @@ def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
 
     buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
     print(f"task {task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {device} | "
+          f"kernels {kernels} ({why}) | "
           f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma} | "
           f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB | run dir {out}")
     print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")

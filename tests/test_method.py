@@ -57,10 +57,10 @@ def test_reference_is_the_base_model_with_the_adapter_off():
     t = schedule.timesteps[j]
     with torch.no_grad():
         expected = digits.unet_eps(base, x, t, cond)
-        torch.testing.assert_close(method.policy_eps(x, t, cond), expected)   # zero-initialised adapter
+        torch.testing.assert_close(method.policy_eps(x, t, cond).combined(), expected)   # zero-initialised adapter
         perturb_adapter(params)
-        assert not torch.allclose(method.policy_eps(x, t, cond), expected)
-        torch.testing.assert_close(method.reference_eps(x, t, cond), expected)
+        assert not torch.allclose(method.policy_eps(x, t, cond).combined(), expected)
+        torch.testing.assert_close(method.reference_eps(x, t, cond).combined(), expected)
         with adapters_disabled(task.unet):
             torch.testing.assert_close(digits.unet_eps(task.unet, x, t, cond), expected)
     assert all(p.requires_grad for p in params)   # re-enabled after the reference call

@@ -64,3 +64,24 @@ def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
     if weight is not None:
         per_sample_loss = weight * per_sample_loss
     return per_sample_loss.mean()
+
+
+def guidance(eps_cond: Tensor, eps_uncond: Tensor | None, w: float) -> Tensor:
+    """Classifier-free guidance eps_u + w (eps_c - eps_u); the conditional output alone without eps_uncond."""
+    return eps_cond if eps_uncond is None else eps_uncond + w * (eps_cond - eps_uncond)
+
+
+def guided_policy_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, w: float,
+                       alpha_t: Tensor | float, alpha_prev: Tensor | float, eta: float, noise: Tensor | None,
+                       eps_ref_cond: Tensor | None = None, eps_ref_uncond: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+    """`policy_step` on guided policy and reference epsilons; noise None means zero noise."""
+    eps_ref = None if eps_ref_cond is None else guidance(eps_ref_cond, eps_ref_uncond, w)
+    return policy_step(x, guidance(eps_cond, eps_uncond, w), alpha_t, alpha_prev, eta,
+                       torch.zeros_like(x) if noise is None else noise, eps_ref)
+
+
+def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tensor | float,
+                   c_out: Tensor | float) -> Tensor:
+    """Consistency-model boundary form c_skip x + c_out x0_hat(x, eps) (LCM); Tweedie when c_skip = 0, c_out = 1."""
+    return per_sample(c_skip, x) * x + per_sample(c_out, x) * tweedie_x0(x, eps, alpha_t)

@@ -1,0 +1,1 @@
+"""Triton kernels of the SQDF ops (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
