@@ -1,4 +1,29 @@
 import os
 
+import pytest
+import torch
+
 # Tests never reach the Hugging Face Hub: the digits task and diffusers configs are all local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton kernels run in the interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BACKENDS = ("torch", "cpp", "triton")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test on each op backend (skipped where one cannot run here), on the tensors' CPU device."""
+    from sqdf_fast import ops
+    with ops.use_backend(request.param):
+        try:
+            ops.backend_for("cpu")
+        except ValueError as err:
+            pytest.skip(str(err))
+        yield request.param
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)

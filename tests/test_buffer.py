@@ -82,11 +82,6 @@ def reward_gamma_probs(rewards, num_steps: int, gamma: float) -> torch.Tensor:
     return torch.outer(priority / priority.sum(), discount(num_steps, gamma))
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 # ring semantics -----------------------------------------------------------------------------------------------------
 def test_ring_overwrites_the_oldest_in_order(gen):
     capacity, num_steps = 5, 3

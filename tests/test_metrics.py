@@ -37,11 +37,6 @@ def fd_closed_form(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 # frechet_distance --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n, features", [(200, 1), (200, 4), (500, 32)], ids=str)
 def test_fd_of_a_set_with_itself_is_zero(gen, n, features):

@@ -59,11 +59,6 @@ def randn(gen: torch.Generator, shape, layout: str = "contiguous") -> torch.Tens
     return torch.randn(*shape, generator=gen, dtype=F64)
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 # schedule tables --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_steps", NUM_STEPS)
 @pytest.mark.parametrize("config", CONFIGS)
@@ -87,7 +82,7 @@ def test_schedule_tables_match_diffusers(config, num_steps):
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("num_steps", NUM_STEPS)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_policy_step_matches_diffusers(gen, config, num_steps, eta):
+def test_policy_step_matches_diffusers(gen, backend, config, num_steps, eta):
     schedule, scheduler = tables(config, num_steps)
     sigma = schedule.sigma(eta)
     for j, t in enumerate(schedule.timesteps.tolist()):
@@ -116,7 +111,7 @@ def test_float32_scheduler_agrees_to_float32_rounding(gen):
 
 
 # per-sample schedule values, shapes, memory layouts ---------------------------------------------------------------
-def test_per_sample_schedule_values_equal_rowwise_scalar_calls(gen):
+def test_per_sample_schedule_values_equal_rowwise_scalar_calls(gen, backend):
     schedule, _ = tables("sd15", 20)
     j = torch.tensor([0, 19, 7, 7, 12])  # first, last and repeated transitions in one batch
     x, eps, noise, eps_ref = (randn(gen, (5, 3, 4)) for _ in range(4))
@@ -136,7 +131,7 @@ def test_per_sample_schedule_values_equal_rowwise_scalar_calls(gen):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_policy_step_shapes_and_layouts(gen, shape, layout):
+def test_policy_step_shapes_and_layouts(gen, backend, shape, layout):
     """Any (B, ...) shape and memory layout: rows with their own transition match diffusers row by row, and a
     non-contiguous input gives what its contiguous copy gives."""
     schedule, scheduler = tables("digits", 20)
@@ -162,7 +157,7 @@ def test_policy_step_shapes_and_layouts(gen, shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES,
                          ids=str)
-def test_kl_is_scaled_gaussian_kl(gen, shape, layout, eta):
+def test_kl_is_scaled_gaussian_kl(gen, backend, shape, layout, eta):
     schedule, _ = tables("sd15", 50)
     batch = shape[0]
     j = torch.arange(batch) * 7 % 50
@@ -188,7 +183,7 @@ def test_kl_is_scaled_gaussian_kl(gen, shape, layout, eta):
 
 
 # gradients ----------------------------------------------------------------------------------------------------------
-def test_gradcheck_policy_step_and_tweedie(gen):
+def test_gradcheck_policy_step_and_tweedie(gen, backend):
     schedule, _ = tables("sd15", 20)
     j = torch.tensor([0, 11, 19])
     a, a_prev = schedule.alpha_t[j], schedule.alpha_prev[j]
@@ -199,7 +194,7 @@ def test_gradcheck_policy_step_and_tweedie(gen):
     assert torch.autograd.gradcheck(lambda x, eps: ops.tweedie_x0(x, eps, a), (x, eps))
 
 
-def test_gradcheck_sqdf_loss(gen):
+def test_gradcheck_sqdf_loss(gen, backend):
     reward, kl = (randn(gen, (4,)).requires_grad_() for _ in range(2))
     k, weight = torch.tensor([3, 2, 1, 0]), torch.rand(4, generator=gen, dtype=F64)
     assert torch.autograd.gradcheck(lambda r, kl: ops.sqdf_loss(r, kl, k, 0.8, 0.3, weight), (reward, kl))
@@ -208,7 +203,7 @@ def test_gradcheck_sqdf_loss(gen):
 # the loss ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5])
-def test_sqdf_loss_discounts_the_reward_only(gen, gamma, weighted):
+def test_sqdf_loss_discounts_the_reward_only(gen, backend, gamma, weighted):
     num_steps, alpha = 10, 0.3
     j = torch.tensor([0, 3, 8, 9, 9])
     k = num_steps - 1 - j  # steps left: T - 1 for the first transition, 0 for the last
@@ -243,7 +238,7 @@ def _bad_alphas():
     pytest.param(dict(eta=0.0), "eta", id="eta=0 with eps_ref"),
     pytest.param(dict(eta=-0.1, eps_ref=None), "eta", id="negative eta"),
 ])
-def test_policy_step_rejects_bad_input(override, match):
+def test_policy_step_rejects_bad_input(backend, override, match):
     args = dict(x=_zeros(2, 3), eps=_zeros(2, 3), alpha_t=0.5, alpha_prev=0.6, eta=0.5, noise=_zeros(2, 3),
                 eps_ref=_zeros(2, 3))
     with pytest.raises(ValueError, match=match):
@@ -255,7 +250,7 @@ def test_policy_step_rejects_bad_input(override, match):
     pytest.param(dict(alpha_t=0.0), "alpha_t", id="alpha_t=0"),
     pytest.param(dict(alpha_t=torch.full((3,), 0.5, dtype=F64)), "alpha_t", id="alpha_t length"),
 ])
-def test_tweedie_rejects_bad_input(override, match):
+def test_tweedie_rejects_bad_input(backend, override, match):
     with pytest.raises(ValueError, match=match):
         ops.tweedie_x0(**{**dict(x=_zeros(2, 3), eps=_zeros(2, 3), alpha_t=0.5), **override})
 
@@ -268,7 +263,7 @@ def test_tweedie_rejects_bad_input(override, match):
     pytest.param(dict(k=torch.arange(3)), "^k ", id="k shape"),
     pytest.param(dict(weight=_zeros(2)), "^weight", id="weight shape"),
 ])
-def test_sqdf_loss_rejects_bad_input(override, match):
+def test_sqdf_loss_rejects_bad_input(backend, override, match):
     args = dict(reward=_zeros(4), kl=_zeros(4), k=torch.arange(4), gamma=0.9, alpha=0.1, weight=None)
     with pytest.raises(ValueError, match=match):
         ops.sqdf_loss(**{**args, **override})

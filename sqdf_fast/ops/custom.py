@@ -11,14 +11,12 @@ at the public API.
 """
 from __future__ import annotations
 
-from types import ModuleType, SimpleNamespace
+import importlib
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-_REGISTERED: dict[str, SimpleNamespace] = {}
-
 
 def _none_if_empty(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
@@ -32,18 +30,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
-    """Custom ops `sqdf_<backend>::{guided_step, x0_estimate, sqdf_loss}` with autograd; registered once."""
-    if backend in _REGISTERED:
-        return _REGISTERED[backend]
+def register(backend: str, module: str) -> SimpleNamespace:
+    """Custom ops `sqdf_<backend>::{guided_step, x0_estimate, sqdf_loss}` with autograd, running the launchers of
+    `module`. The module is imported on the first call, not here: registration stays cheap (no triton import) and
+    the op table is a plain lookup that torch.compile traces without a graph break."""
     ns = f"sqdf_{backend}"
+
+    def launchers():
+        return importlib.import_module(module)
 
     # --- guided DDIM step + KL -----------------------------------------------------------------------------
     @torch.library.custom_op(f"{ns}::guided_step", mutates_args=())
     def guided_step(x: Tensor, eps_cond: Tensor, eps_uncond: Optional[Tensor], eps_ref_cond: Optional[Tensor],
                     eps_ref_uncond: Optional[Tensor], noise: Optional[Tensor], alpha_t: Tensor, alpha_prev: Tensor,
                     eta: float, w: float) -> tuple[Tensor, Tensor]:
-        return launchers.guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise,
+        return launchers().guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise,
                                              alpha_t, alpha_prev, eta, w)
 
     @guided_step.register_fake
@@ -57,7 +58,7 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
                              eps_ref_uncond: Optional[Tensor], alpha_t: Tensor, alpha_prev: Tensor, eta: float,
                              w: float, need_x: bool, need_eps: bool, need_ref: bool, need_noise: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        grads = launchers.guided_step_backward(grad_x_prev, grad_kl, eps_cond, eps_uncond, eps_ref_cond,
+        grads = launchers().guided_step_backward(grad_x_prev, grad_kl, eps_cond, eps_uncond, eps_ref_cond,
                                                eps_ref_uncond, alpha_t, alpha_prev, eta, w, need_x, need_eps,
                                                need_ref, need_noise)
         return tuple(_empty_like_missing(g, eps_cond) for g in grads)
@@ -90,7 +91,7 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
     @torch.library.custom_op(f"{ns}::x0_estimate", mutates_args=())
     def x0_estimate(x: Tensor, eps: Tensor, alpha_t: Tensor, c_skip: Optional[Tensor],
                     c_out: Optional[Tensor]) -> Tensor:
-        return launchers.x0_estimate_forward(x, eps, alpha_t, c_skip, c_out)
+        return launchers().x0_estimate_forward(x, eps, alpha_t, c_skip, c_out)
 
     @x0_estimate.register_fake
     def _(x, eps, alpha_t, c_skip, c_out):
@@ -99,7 +100,7 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
     @torch.library.custom_op(f"{ns}::x0_estimate_backward", mutates_args=())
     def x0_estimate_backward(grad: Tensor, alpha_t: Tensor, c_skip: Optional[Tensor], c_out: Optional[Tensor],
                              need_x: bool, need_eps: bool) -> tuple[Tensor, Tensor]:
-        grads = launchers.x0_estimate_backward(grad, alpha_t, c_skip, c_out, need_x, need_eps)
+        grads = launchers().x0_estimate_backward(grad, alpha_t, c_skip, c_out, need_x, need_eps)
         return tuple(_empty_like_missing(g, grad) for g in grads)
 
     @x0_estimate_backward.register_fake
@@ -122,7 +123,7 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
     @torch.library.custom_op(f"{ns}::sqdf_loss", mutates_args=())
     def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
                   weight: Optional[Tensor]) -> Tensor:
-        return launchers.sqdf_loss_forward(reward, kl, k, gamma, alpha, weight)
+        return launchers().sqdf_loss_forward(reward, kl, k, gamma, alpha, weight)
 
     @sqdf_loss.register_fake
     def _(reward, kl, k, gamma, alpha, weight):
@@ -132,7 +133,7 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
     def sqdf_loss_backward(grad: Tensor, reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
                            weight: Optional[Tensor], need_reward: bool, need_kl: bool,
                            need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
-        grads = launchers.sqdf_loss_backward(grad, reward, kl, k, gamma, alpha, weight, need_reward, need_kl,
+        grads = launchers().sqdf_loss_backward(grad, reward, kl, k, gamma, alpha, weight, need_reward, need_kl,
                                              need_weight)
         return tuple(_empty_like_missing(g, reward) for g in grads)
 
@@ -155,6 +156,4 @@ def register(backend: str, launchers: ModuleType) -> SimpleNamespace:
 
     sqdf_loss.register_autograd(sqdf_loss_grad, setup_context=sqdf_loss_setup)
 
-    ops = SimpleNamespace(guided_step=guided_step, x0_estimate=x0_estimate, sqdf_loss=sqdf_loss)
-    _REGISTERED[backend] = ops
-    return ops
+    return SimpleNamespace(guided_step=guided_step, x0_estimate=x0_estimate, sqdf_loss=sqdf_loss)

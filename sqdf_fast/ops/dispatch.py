@@ -8,13 +8,12 @@ falling back, so a benchmark or test never measures the wrong thing.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from types import SimpleNamespace
 
 import torch
 
-from sqdf_fast.ops import reference
+from sqdf_fast.ops import custom, reference
 
 BACKENDS = ("torch", "cpp", "triton")
 CHOICES = ("auto",) + BACKENDS
@@ -106,12 +105,12 @@ def resolve(device: torch.device) -> tuple[str, str]:
     return name, f"requested by {source}"
 
 
+OPS = {"torch": TORCH_OPS, "cpp": custom.register("cpp", "sqdf_fast.ops.cpp"),
+       "triton": custom.register("triton", "sqdf_fast.kernels")}
+
+
 def backend_ops(name: str) -> SimpleNamespace:
-    if name == "torch":
-        return TORCH_OPS
-    from sqdf_fast.ops import custom
-    launchers = importlib.import_module("sqdf_fast.ops.cpp" if name == "cpp" else "sqdf_fast.kernels")
-    return custom.register(name, launchers)
+    return OPS[name]
 
 
 def ops_for(device: torch.device) -> SimpleNamespace:
