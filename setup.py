@@ -34,9 +34,11 @@ class OptionalBuildExt(build_ext):
     """build_ext that picks the best accepted flags and turns a failed build into a warning."""
 
     def build_extension(self, ext: Extension) -> None:
-        notes = [Path(self.get_ext_fullpath(ext.name)).with_name(FAILED_NOTE)]
+        library = Path(self.get_ext_fullpath(ext.name))
+        notes, stale = [library.with_name(FAILED_NOTE)], []
         if self.editable_mode:  # the library is copied into the source tree afterwards; the note goes there too
             notes.append(HERE / "sqdf_fast" / FAILED_NOTE)
+            stale.append(HERE / "sqdf_fast" / library.name)
         compile_flags, link_flags = next(((c, l) for c, l in FLAG_SETS if self._accepts(c, l)), ([], []))
         flags = BASE_FLAGS + compile_flags
         ext.extra_compile_args, ext.extra_link_args = flags, link_flags
@@ -50,6 +52,8 @@ class OptionalBuildExt(build_ext):
             for note in notes:
                 note.parent.mkdir(parents=True, exist_ok=True)
                 note.write_text(reason + "\n")
+            for path in stale:  # a library from older sources must not outlive a failed rebuild
+                path.unlink(missing_ok=True)
             return
         for note in notes:
             note.unlink(missing_ok=True)

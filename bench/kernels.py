@@ -365,6 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--copy-mib", type=int, help="buffer of the copy-bandwidth measurement "
                                                      "(default 1024 MiB on CUDA, 256 on the CPU)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (default: torch's choice)")
+    parser.add_argument("--run-id", help="run id written into every row (default: timestamp-pid); give split "
+                                             "invocations the same one to plot them as one run")
     parser.add_argument("--no-check", action="store_true", help="do not check the peers' outputs against fused")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -415,17 +417,25 @@ def run_case(case: Case, impls: dict[str, Callable], args, timer: Timer, device:
     """The rows of one (op, shape, dtype): each mode, each implementation."""
     for name in case.grad_inputs:
         case.inputs[name].requires_grad_(True)
+    # the first forward of each implementation, timed apart (torch.compile compiles the forward here)
+    first_forward_s, outputs = {}, {}
+    for impl in dict.fromkeys(["fused", *args.impls]):
+        start = time.perf_counter()
+        outputs[impl] = tuple(t.detach() for t in case.outputs(impls[impl](**case.inputs)))
+        timer.sync()
+        first_forward_s[impl] = round(time.perf_counter() - start, 3)
     if not args.no_check:
-        want = tuple(t.detach() for t in case.outputs(case.fused(**case.inputs)))
         for impl in args.impls:
             if impl != "fused":
-                check_outputs(case, impl, case.outputs(impls[impl](**case.inputs)), want)
+                check_outputs(case, impl, outputs[impl], outputs["fused"])
+    del outputs
     rows = []
     for mode in args.modes:
         group = {impl: measure(case, impl, impls[impl], mode, args, timer, device) for impl in args.impls}
         for impl, row in group.items():
             row.update(op=case.op, mode=mode, shape=list(case.shape), dtype=str(case.dtype).removeprefix("torch."),
-                       grad_inputs=list(case.grad_inputs) if mode != "forward" else [])
+                       grad_inputs=list(case.grad_inputs) if mode != "forward" else [],
+                       first_forward_s=first_forward_s[impl])
             if impl == "fused":
                 for peer in ("eager", "compile"):
                     if peer in group:
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     timer = Timer(device, flush_l2=cuda and not args.no_flush_l2)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     common = {
-        "bench": "kernels", "run_id": f"{stamp}-{os.getpid()}", "device": device_name(device),
+        "bench": "kernels", "run_id": args.run_id or f"{stamp}-{os.getpid()}", "device": device_name(device),
         "device_type": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "triton": triton_version(), "python": platform.python_version(), "timestamp": stamp,
         "command": "python " + shlex.join(sys.argv if argv is None else ["bench/kernels.py", *argv]),
@@ -534,8 +544,8 @@ def print_progress(rows: list[dict]) -> None:
 
 
 def measure(case: Case, impl: str, fn: Callable, mode: str, args, timer: Timer, device: torch.device) -> dict:
-    """One row: warm-up (compilation included, timed apart as first_call_s), the extra memory of one call on
-    CUDA, then the timed calls."""
+    """One row: warm-up (its first call timed apart as first_call_s: it compiles the backward for `compile`),
+    the extra memory of one call on CUDA, then the timed calls."""
     start = time.perf_counter()
     call = mode_callable(case, fn, mode)
     first_call_s = None

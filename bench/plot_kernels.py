@@ -4,8 +4,8 @@
                                  [--metric ms|gbps] [--device SUBSTRING]
 
 One row of panels per (device, op), one column per mode; in each panel a group of bars per shape and dtype, one
-bar per implementation. Runs are told apart by the `run_id` every row carries; the latest is the one with the
-newest timestamp.
+bar per implementation. Runs are told apart by the `run_id` every row carries (`kernels.py --run-id` lets
+split invocations share one); the latest is the one with the newest timestamp.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
         runs.setdefault(row["device"], {}).setdefault(row["run_id"], []).append(row)
     latest = {}
     for device, by_run in runs.items():
-        run_id = max(by_run, key=lambda rid: (by_run[rid][0]["timestamp"], rid))
+        run_id = max(by_run, key=lambda rid: (max(r["timestamp"] for r in by_run[rid]), rid))
         latest[device] = by_run[run_id]
     return latest
 
@@ -62,8 +62,9 @@ def plot(rows: list[dict], out: Path, metric: str = "ms") -> Path:
         for op in ordered({r["op"] for r in run}, OPS):
             panels.append((device, op, [r for r in run if r["op"] == op]))
     modes = ordered({r["mode"] for _, _, op_rows in panels for r in op_rows}, MODES)
-    fig, axes = plt.subplots(len(panels), len(modes), figsize=(4.6 * len(modes), 3.2 * len(panels)),
-                             squeeze=False)
+    groups_max = max(len({(tuple(r["shape"]), r["dtype"]) for r in op_rows}) for _, _, op_rows in panels)
+    fig, axes = plt.subplots(len(panels), len(modes), squeeze=False,
+                             figsize=(max(4.6, 1.0 * groups_max) * len(modes), 3.2 * len(panels)))
     for i, (device, op, op_rows) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
@@ -105,7 +106,8 @@ def plot(rows: list[dict], out: Path, metric: str = "ms") -> Path:
         axes[i][0].annotate(device, xy=(0, 0.5), xytext=(-axes[i][0].yaxis.labelpad - 28, 0),
                             xycoords=axes[i][0].yaxis.label, textcoords="offset points", rotation=90,
                             ha="right", va="center", fontsize=8)
-    stamps = ", ".join(f"{device}: {run[0]['timestamp']} (torch {run[0]['torch']})" for device, run in runs.items())
+    stamps = ", ".join(f"{device}: {max(r['timestamp'] for r in run)} (torch {run[0]['torch']})"
+                       for device, run in runs.items())
     fig.suptitle(f"SQDF ops, fused vs eager vs torch.compile ({'median ms' if metric == 'ms' else 'GB/s'})\n{stamps}",
                  fontsize=10)
     fig.tight_layout()

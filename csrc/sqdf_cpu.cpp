@@ -15,8 +15,22 @@
 #include <vector>
 #include <type_traits>
 
-#ifndef SQDF_BUILD_FLAGS
+#ifndef SQDF_BUILD_FLAGS  // set by setup.py
 #define SQDF_BUILD_FLAGS "unknown"
+#endif
+#define SQDF_STR2(v) #v
+#define SQDF_STR(v) SQDF_STR2(v)
+#ifdef _OPENMP
+#define SQDF_OPENMP SQDF_STR(_OPENMP)
+#else
+#define SQDF_OPENMP "no"
+#endif
+#if defined(__clang__)
+#define SQDF_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define SQDF_COMPILER "gcc " __VERSION__
+#else
+#define SQDF_COMPILER "unknown"
 #endif
 
 namespace {
@@ -77,7 +91,7 @@ template <typename Body>
 void for_chunks(int64_t batch, int64_t d, int num_threads, Body&& body) {
   const int64_t chunks = (d + kChunk - 1) / kChunk;
   const int64_t items = batch * chunks;
-  const int threads = batch * d >= kParallelMin && num_threads > 1 ? num_threads : 1;
+  [[maybe_unused]] const int threads = batch * d >= kParallelMin && num_threads > 1 ? num_threads : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / chunks;
@@ -338,22 +352,11 @@ void loss_backward(int64_t batch, const C* grad, const C* reward, const C* kl, c
 
 extern "C" {
 
-// "key=value" lines: compiler, flags, openmp (the OpenMP version date, or "no").
+// Bumped whenever an exported signature changes; sqdf_fast/ops/cpp.py refuses a library built from other sources.
+int sqdf_abi_version() { return 1; }
+
+// "key=value" lines: compiler, flags, openmp (the supported OpenMP version date, or "no").
 const char* sqdf_build_info() {
-#ifdef _OPENMP
-#define SQDF_STR2(v) #v
-#define SQDF_STR(v) SQDF_STR2(v)
-#define SQDF_OPENMP SQDF_STR(_OPENMP)
-#else
-#define SQDF_OPENMP "no"
-#endif
-#if defined(__clang__)
-#define SQDF_COMPILER "clang " __clang_version__
-#elif defined(__GNUC__)
-#define SQDF_COMPILER "gcc " __VERSION__
-#else
-#define SQDF_COMPILER "unknown"
-#endif
   return "compiler=" SQDF_COMPILER "\nflags=" SQDF_BUILD_FLAGS "\nopenmp=" SQDF_OPENMP;
 }
 

@@ -12,7 +12,8 @@ Three parts, top to bottom:
 3. Evaluation: the reward of final samples and their path KL to the reference, before and after.
 
 The model is a tiny `UNet2DModel` with random weights built from a config (nothing is downloaded), so it runs in
-seconds on a CPU. For a real model, load your UNet and scheduler instead; the loops stay the same.
+seconds on a CPU. Its "samples" are not images (values reach about +-100); the point is the plumbing. For a real
+model, load your UNet and scheduler instead; the loops stay the same.
 
     python examples/diffusers_ddim_loop.py                 # about 10 s on a 2-core CPU
     python examples/diffusers_ddim_loop.py --steps 40 --device cuda
@@ -145,7 +146,8 @@ def sqdf_step(policy: UNet2DModel, reference: UNet2DModel, scheduler: DDIMSchedu
 
     # Soft Q without a critic: the reward of a one-step clean estimate of the action. The frozen reference's
     # Tweedie estimate at t_prev; gradients flow through its input (the action) into the policy. At the last step
-    # the action is already the clean sample. (The reference's parameters have requires_grad False.)
+    # the action is already the clean sample (the estimate computed there at t=0 is discarded).
+    # The reference's parameters have requires_grad False, so backward computes no gradients for them.
     eps_next = reference(action, t_prev.clamp(min=0)).sample
     last = (j == num_steps - 1).view(-1, 1, 1, 1)
     x0 = torch.where(last, action, ops.tweedie_x0(action, eps_next, a_prev))

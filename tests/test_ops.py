@@ -6,6 +6,8 @@ of a fraction of an ulp of the output dtype (the fused backends compute in fp32,
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -124,6 +126,31 @@ def test_x0_estimate_forward_backward(backend, gen, dtype, shape, layout, scalin
                                  torch.autograd.grad((exact * g.double()).sum(), (x64, eps64)),
                                  torch.autograd.grad((plain * g).sum(), (xp, epsp))):
         assert_precision(f"grad {name}", grads, e, p, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # inf and NaN inputs, on purpose
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_16_bit_outputs_round_to_nearest_even(backend, gen, dtype):
+    """The fused backends compute in fp32 and round once: x0 with c_skip = s and c_out = 0 is s * x, so every
+    16-bit value must survive s = 1 bitwise (NaN stays NaN), and any product must round exactly as torch rounds it
+    (ties to even, overflow to inf, gradual underflow). The Triton interpreter truncates to bf16, so this also
+    checks the kernels' explicit rounding there."""
+    if backend == "torch":
+        pytest.skip("the reference computes in the input dtype")
+    every_value = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)[:, None]
+    half, zero = torch.full((every_value.shape[0],), 0.5), torch.zeros(every_value.shape[0])
+    same = ops.consistency_x0(every_value, torch.ones_like(every_value), half, half * 2, zero)
+    torch.testing.assert_close(same, every_value, rtol=0, atol=0, equal_nan=True)
+
+    finfo = torch.finfo(dtype)
+    magnitudes = torch.cat([
+        torch.logspace(math.log2(finfo.tiny) - 12, math.log2(finfo.max) + 1, 4000, base=2.0, dtype=F64),
+        torch.tensor([finfo.max, finfo.tiny, finfo.tiny / 8, 0.0, math.inf, math.nan], dtype=F64)])
+    x = (magnitudes * torch.randn(magnitudes.shape, generator=gen, dtype=F64).sign()).to(dtype)[:, None]
+    # 1.5 x makes exact ties between two 16-bit neighbours, which must go to the even one
+    scale = torch.where(torch.arange(x.shape[0]) % 2 == 0, 1.5, 0.25 + 1.5 * torch.rand(x.shape[0], generator=gen))
+    got = ops.consistency_x0(x, torch.ones_like(x), torch.full_like(scale, 0.5), scale, torch.zeros_like(scale))
+    torch.testing.assert_close(got, (scale[:, None] * x.float()).to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

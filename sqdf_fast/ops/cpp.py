@@ -36,6 +36,7 @@ from torch import Tensor
 # Written by setup.py next to where the library would be when the build failed; holds the reason.
 BUILD_FAILED_NOTE = "_sqdf_cpu.build-failed.txt"
 
+ABI_VERSION = 1  # sqdf_abi_version() of the library these launchers were written for
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _P, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {  # name: argument types; every function returns 0, or -1 for an unsupported dtype code
@@ -52,19 +53,17 @@ _state: dict = {}  # after the first load attempt: "lib" (CDLL or None), "path",
 
 
 def _library_path() -> Path | None:
-    """The built library: wherever the import system finds sqdf_fast._sqdf_cpu (an installed or editable
-    package), else next to this package."""
-    try:
-        spec = importlib.util.find_spec("sqdf_fast._sqdf_cpu")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.origin and Path(spec.origin).is_file():
-        return Path(spec.origin)
+    """The built library: next to this copy of the package, else wherever the import system finds
+    sqdf_fast._sqdf_cpu (e.g. an editable install's mapping)."""
     package_dir = Path(__file__).resolve().parent.parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         if (package_dir / f"_sqdf_cpu{suffix}").is_file():
             return package_dir / f"_sqdf_cpu{suffix}"
-    return None
+    try:
+        spec = importlib.util.find_spec("sqdf_fast._sqdf_cpu")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and Path(spec.origin).is_file() else None
 
 
 def _not_built_reason() -> str:
@@ -91,6 +90,10 @@ def _load() -> ctypes.CDLL | None:
                     fn = getattr(lib, name)
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
                 lib.sqdf_build_info.restype = ctypes.c_char_p
+                abi = lib.sqdf_abi_version()
+                if abi != ABI_VERSION:
+                    lib, reason = None, (f"{path} was built from other sources (ABI {abi}, expected {ABI_VERSION}): "
+                                         "reinstall the package")
             except (OSError, AttributeError) as err:  # unloadable, or built from other sources (missing symbol)
                 lib, reason = None, f"cannot load {path}: {err}"
         _state.update(lib=lib, path=path, reason=reason)
