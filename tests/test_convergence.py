@@ -2,20 +2,23 @@
 
 The digits default, shortened to 24 steps (the reward reaches its ceiling in about 15), runs once on the C++
 backend and once on the reference from the same seed. The two differ only by float32 rounding, which training then
-amplifies, so the final metrics must agree within tolerances well inside the spread between seeds.
+amplifies, so the final metrics must agree within tolerances far inside the spread between seeds. Measured on the
+2-core CI machine (seeds 0 and 1, C++ vs reference): final reward within 5e-6, diversity, fd and KL within 3e-5
+relative; between seeds 0, 1 and 2 the final reward spreads by 0.056, diversity by 7%, fd by 13%, KL by 38%.
 """
 import pytest
 import torch
 
 from sqdf_fast import config, ops
+from sqdf_fast.adapters import add_policy_lora
 from sqdf_fast.method import SQDF
 from sqdf_fast.schedule import DDIMSchedule
-from sqdf_fast.adapters import add_policy_lora
 from sqdf_fast.tasks import resolve
 from sqdf_fast.train import run
 
-# final-metric tolerances between the fused and the reference run (absolute for reward, relative otherwise)
-REWARD_ATOL, DIVERSITY_RTOL, FD_RTOL, KL_RTOL = 0.05, 0.05, 0.3, 0.3
+# final-metric tolerances between the fused and the reference run (absolute for reward, relative otherwise): about
+# 100x or more the largest measured difference, and 40x or more inside the spread between seeds
+REWARD_ATOL, DIVERSITY_RTOL, FD_RTOL, KL_RTOL = 1e-3, 1e-3, 3e-3, 3e-3
 
 
 def fused_backend_or_skip() -> str:
