@@ -2,8 +2,8 @@
 
 Importable without diffusers or transformers. Inputs are validated (ValueError naming the argument) before any
 maths runs, the same on every backend; then `dispatch` picks the implementation (Triton on CUDA, C++ on the CPU,
-the torch reference otherwise; `SQDF_KERNELS` or `use_backend` override it). Value-range checks (cumulative alphas in (0, 1]) run on CPU tensors and Python floats only: on an
-accelerator they would force a host sync, so device-resident schedule tables are validated once when they are
+the torch reference otherwise; `SQDF_KERNELS` or `use_backend` override it). Value-range checks (cumulative
+alphas in (0, 1]) run on CPU tensors and Python floats only: on an accelerator they would force a host sync, so device-resident schedule tables are validated once when they are
 built (`sqdf_fast.schedule.DDIMSchedule`).
 """
 from __future__ import annotations
@@ -39,8 +39,10 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, low_op
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device}, expected {device}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((value > low_open) & (value <= high)).all()):
-            raise ValueError(f"{name} must lie in ({low_open}, {high}]")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            lowest, highest = (float(v) for v in torch.aminmax(value))  # one pass: this runs on every step
+            if not (low_open < lowest and highest <= high):  # NaN fails too
+                raise ValueError(f"{name} must lie in ({low_open}, {high}], got values in [{lowest}, {highest}]")
     elif isinstance(value, (int, float)):
         if not low_open < value <= high:
             raise ValueError(f"{name} must lie in ({low_open}, {high}], got {value}")
