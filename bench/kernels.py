@@ -177,7 +177,8 @@ def make_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
 #   sqdf_loss           forward   -                                         -                          reward, kl,
 #                                                                                                      weight, k | loss
 #                       backward  -                                         -                          g_loss, weight,
-#                                                                                                      k | g_reward, g_kl
+#                                                                                                      k | g_reward,
+#                                                                                                      g_kl
 #   any                 full      forward + backward
 BYTES_TABLE = {  # (big reads, big writes, float32 small reads, float32 small writes, int64 small reads, scalars)
     ("policy_step", "forward"): (4, 1, 2, 1, 0, 0),

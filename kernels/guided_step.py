@@ -31,8 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, INTERPRET_TILE, batch_dims, compute_dtypes, elementwise, load_per_sample, load_tile,
-                      sample_tile, scalar_arg, store_tile, tile_cols, tile_grid)
+from ._common import (
+    INTERPRET,
+    INTERPRET_TILE,
+    batch_dims,
+    compute_dtypes,
+    elementwise,
+    load_per_sample,
+    load_tile,
+    sample_tile,
+    scalar_arg,
+    store_tile,
+    tile_cols,
+    tile_grid,
+)
 
 # Tile of the KL-producing forward, never autotuned: the partial sums, hence the bits of kl, depend on the tile
 # shape and warp count, which are thus functions of D alone. 8 elements per thread on the GPU.

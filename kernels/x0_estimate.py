@@ -17,8 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (batch_dims, compute_dtypes, elementwise, load_per_sample, load_tile, sample_tile, store_tile,
-                      tile_grid)
+from ._common import (
+    batch_dims,
+    compute_dtypes,
+    elementwise,
+    load_per_sample,
+    load_tile,
+    sample_tile,
+    store_tile,
+    tile_grid,
+)
 
 
 @triton.jit

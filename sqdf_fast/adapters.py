@@ -4,8 +4,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 

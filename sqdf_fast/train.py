@@ -19,7 +19,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sqdf_fast import checkpoint, config, ops, tasks
-from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
+from sqdf_fast.adapters import (
+    adapter_state_dict,
+    add_policy_lora,
+    load_adapter_state_dict,
+)
 from sqdf_fast.buffer import ReplayBuffer
 from sqdf_fast.method import SQDF, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd

@@ -40,7 +40,8 @@ def rand(gen: torch.Generator, shape, dtype: torch.dtype) -> torch.Tensor:
 def schedule(batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, alpha_prev) spanning the chain, alpha_prev > alpha_t, in the compute dtype of `dtype`."""
     a_prev = torch.linspace(0.1, 0.99, batch, dtype=F64) if batch > 1 else torch.tensor([0.6], dtype=F64)
-    return (a_prev * torch.linspace(0.95, 0.4, batch, dtype=F64)).to(ct(dtype)).to(DEVICE), a_prev.to(ct(dtype)).to(DEVICE)
+    alpha_t = a_prev * torch.linspace(0.95, 0.4, batch, dtype=F64)
+    return alpha_t.to(ct(dtype)).to(DEVICE), a_prev.to(ct(dtype)).to(DEVICE)
 
 
 def exact(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,8 +3,8 @@
 Importable without diffusers or transformers. Inputs are validated (ValueError naming the argument) before any
 maths runs, the same on every backend; then `dispatch` picks the implementation (Triton on CUDA, C++ on the CPU,
 the torch reference otherwise; `SQDF_KERNELS` or `use_backend` override it). Value-range checks (cumulative
-alphas in (0, 1]) run on CPU tensors and Python floats only: on an accelerator they would force a host sync, so device-resident schedule tables are validated once when they are
-built (`sqdf_fast.schedule.DDIMSchedule`).
+alphas in (0, 1]) run on CPU tensors and Python floats only: on an accelerator they would force a host sync, so
+device-resident schedule tables are validated once when they are built (`sqdf_fast.schedule.DDIMSchedule`).
 """
 from __future__ import annotations
 

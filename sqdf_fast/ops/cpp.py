@@ -199,7 +199,8 @@ def guided_step_backward(grad_x_prev: Tensor | None, grad_kl: Tensor | None, eps
     code, batch, d = _sizes(eps_cond)
     _check_guidance(eps_uncond, eps_ref_cond, eps_ref_uncond)
     ct, vec, shape, dtype = _compute_dtype(eps_cond), torch.Size([batch]), eps_cond.shape, eps_cond.dtype
-    grads = (_empty(eps_cond, need_x), _empty(eps_cond, need_eps), _empty(eps_cond, need_eps and eps_uncond is not None),
+    grads = (_empty(eps_cond, need_x), _empty(eps_cond, need_eps),
+             _empty(eps_cond, need_eps and eps_uncond is not None),
              _empty(eps_cond, need_ref and eps_ref_cond is not None),
              _empty(eps_cond, need_ref and eps_ref_uncond is not None), _empty(eps_cond, need_noise))
     _call(lib.sqdf_guided_step_backward, code, batch, d, _ptr(grad_x_prev, shape, dtype), _ptr(grad_kl, vec, ct),

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+
 def _none_if_empty(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
