@@ -125,10 +125,13 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def from_dict(values: dict, source: str) -> TrainConfig:
+    """A config from explicit values over the task's own defaults (sqdf_fast.tasks.config_defaults) over the
+    dataclass defaults."""
+    from sqdf_fast.tasks import config_defaults
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
-    return TrainConfig(**values)
+    return TrainConfig(**{**config_defaults(values.get("task", FIELDS["task"].default)), **values})
 
 
 def build_parser() -> argparse.ArgumentParser:

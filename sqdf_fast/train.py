@@ -83,6 +83,8 @@ def evaluate(method: SQDF, cfg: config.TrainConfig, device: torch.device, with_k
                "diversity": per_class_diversity(features, cond),
                "fd": per_class_fd(features, cond, task.real_features(cond)),
                "kl": float(path_kl.mean()) if with_kl else 0.0}
+    if task.target_metrics is not None:
+        metrics.update(task.target_metrics(images, cond))
     return metrics, images
 
 
@@ -146,8 +148,13 @@ def eval_row(step: int, metrics: dict) -> dict:
     return {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
 
 
-def save_samples(images: Tensor, per_class: int, path: Path) -> None:
-    """The first 8 evaluation samples of each condition, one row per condition."""
+def save_samples(task: tasks.Task, images: Tensor, cfg: config.TrainConfig, path: Path) -> None:
+    """The task's own plot of evaluation samples, or the first 8 of each condition, one row per condition."""
+    if task.plot_samples is not None:
+        cond = task.eval_conditions(cfg.eval_per_class).to(images.device)
+        task.plot_samples(images, cond, cfg.eval_per_class, path)
+        return
+    per_class = cfg.eval_per_class
     save_grid(images.view(-1, per_class, *images.shape[1:])[:, :8].flatten(0, 1), path, nrow=8)
 
 
@@ -207,7 +214,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         base, base_images = evaluate(method, cfg, device, with_kl=False)
-        save_samples(base_images, cfg.eval_per_class, out / "samples_base.png")
+        save_samples(task, base_images, cfg, out / "samples_base.png")
         first_step, wall_before, fresh, window = 0, 0.0, None, []
         rows = [eval_row(0, base)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -276,13 +283,15 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     final, final_images = evaluate(method, cfg, device, with_kl=True)
     write_row(eval_row(cfg.steps, final))
     metrics_file.close()
-    save_samples(final_images, cfg.eval_per_class, out / "samples_final.png")
+    save_samples(task, final_images, cfg, out / "samples_final.png")
     save_curves(rows, out / "curves.png", ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward",
                                            "eval_diversity", "eval_fd", "eval_kl"))
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
                "diversity_base": base["diversity"], "diversity_final": final["diversity"],
                "fd_base": base["fd"], "fd_final": final["fd"], "kl_final": final["kl"], "steps": cfg.steps,
                "wall_s": round(wall_before + time.time() - start, 1)}
+    for name in final.keys() - {"reward", "diversity", "fd", "kl"}:   # the task's target metrics
+        summary.update({f"{name}_base": base.get(name), f"{name}_final": final[name]})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(base, final, summary["wall_s"], out)
     return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,6 +31,11 @@ class Task:
     features: Callable[[Tensor], Tensor] | None = None
     real_features: Callable[[Tensor], dict] | None = None   # cond (n,) -> {class: (m, F) features}
     eval_conditions: Callable[[int], Tensor] | None = None  # per_class -> a fixed list of conditions
+    # extra evaluation metrics where the task knows more (e.g. an exact target): (images, cond) -> {name: float};
+    # they join reward, diversity, fd and kl in metrics.jsonl and summary.json (<name>_base, <name>_final)
+    target_metrics: Callable[[Tensor, Tensor], dict[str, float]] | None = None
+    # (images, cond, per_class, path) -> writes a PNG of evaluation samples; None: an image grid, a row per condition
+    plot_samples: Callable[[Tensor, Tensor, int, Path], None] | None = None
     frozen: list[nn.Module] = field(default_factory=list)   # every frozen network, for .to(device)
 
     def to(self, device: torch.device) -> "Task":
@@ -48,6 +54,14 @@ def load_callable(reference: str, what: str) -> Callable:
         return getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"{what}: cannot load {reference!r}: {err}") from err
+
+
+def config_defaults(name: str) -> dict:
+    """Config values a built-in task needs other than the digits defaults (its module's CONFIG_DEFAULTS)."""
+    target = BUILTIN.get(name)
+    if target is None:
+        return {}
+    return dict(getattr(importlib.import_module(target.partition(":")[0]), "CONFIG_DEFAULTS", {}))
 
 
 def resolve(name: str) -> Callable:
