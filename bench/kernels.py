@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from sqdf_fast import ops
+from sqdf_fast.info import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.jsonl"
 OPS = ("policy_step", "guided_policy_step", "tweedie_x0", "sqdf_loss")
@@ -300,21 +301,6 @@ def check_outputs(case: Case, name: str, got: tuple[Tensor, ...], want: tuple[Te
 
 
 # --- environment ----------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({cores} cores)"
-
-
 def triton_version() -> str | None:
     try:
         return metadata.version("triton")

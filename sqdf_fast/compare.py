@@ -1,0 +1,207 @@
+"""`python -m sqdf_fast.compare`: run several methods and seeds on one task and measure the reward/diversity trade-off.
+
+    python -m sqdf_fast.compare --task gmm2d --methods sqdf,draft,draft-lv,refl,alignprop,draft-kl --seeds 3 \\
+        --out runs/compare-gmm2d [--ablations] [--set steps=40 --set alpha=0.5 ...]
+
+Each (method, seed) is one `sqdf_fast.train` run (its run directory under OUT/runs/) with the task's defaults, the
+method's own defaults below, then the --set overrides. Writes, and rewrites after every run:
+
+    OUT/results.json   a list of rows: method, seed, reward, diversity, fd, kl, the task's target metrics
+                       (dist_to_target, mode_weight_error, mode_coverage where the target is known), wall_s,
+                       and the base model's values as base_<metric>
+    OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds
+    OUT/pareto.png     reward against diversity, and against dist_to_target (or fd), one point per method
+
+A run whose (method, seed) is already in OUT/results.json is not repeated, so an interrupted comparison continues
+where it stopped. Variants name a method with changed options: `--ablations` adds SQDF without the discount
+(gamma = 1), without the consistency model (the reference's Tweedie estimate) and without the replay buffer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sqdf_fast import config
+from sqdf_fast.info import device_name
+from sqdf_fast.train import resolve_device, run
+
+# A label -> (method, option overrides). Plain method names need no entry.
+VARIANTS = {
+    "sqdf-no-discount": ("sqdf", {"gamma": 1.0}),
+    "sqdf-no-cm": ("sqdf", {"q_estimator": "tweedie"}),
+    "sqdf-no-buffer": ("sqdf", {"buffer": False}),
+}
+ABLATIONS = tuple(VARIANTS)
+METRICS = ("reward", "diversity", "fd", "kl")
+TARGET_METRICS = ("dist_to_target", "mode_weight_error", "mode_coverage")
+
+
+def parse_value(text: str):
+    """An option value from --set: JSON where it parses (numbers, true/false, null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="digits", help="task of every run (default digits)")
+    parser.add_argument("--methods", default="sqdf,draft,draft-lv,refl,alignprop,draft-kl",
+                        help=f"comma-separated methods or variants ({', '.join(VARIANTS)})")
+    parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training option for every run (repeatable), e.g. --set steps=40")
+    args = parser.parse_args(argv)
+    args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.ablations:
+        args.labels += [label for label in ABLATIONS if label not in args.labels]
+    args.overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        args.overrides[key.strip().replace("-", "_")] = parse_value(value.strip())
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be >= 1")
+    return args
+
+
+def run_config(task: str, label: str, seed: int, overrides: dict, out: Path) -> config.TrainConfig:
+    method, variant = VARIANTS.get(label, (label, {}))
+    values = {"task": task, "method": method, **variant, "seed": seed, **overrides,
+              "out": str(out / "runs" / f"{label}-seed{seed}"), "progress": False}
+    cfg = config.from_dict(values, f"{label} (seed {seed})")
+    config.validate(cfg)
+    return cfg
+
+
+def result_row(label: str, seed: int, summary: dict) -> dict:
+    row = {"method": label, "seed": seed}
+    for name in METRICS + TARGET_METRICS:
+        if f"{name}_final" in summary:
+            row[name] = summary[f"{name}_final"]
+            row[f"base_{name}"] = summary.get(f"{name}_base")
+    row["wall_s"] = summary["wall_s"]
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
+    """One entry per method (and one for the base model): {metric: (mean, std)} over its seeds."""
+    columns = [m for m in METRICS + TARGET_METRICS if any(m in r for r in rows)] + ["wall_s"]
+    table = []
+    base_rows = [r for r in rows if r["method"] == labels[0]] or rows
+    if base_rows:
+        table.append({"method": "base model", "seeds": len(base_rows),
+                      **{m: mean_std([r[f"base_{m}"] for r in base_rows]) for m in columns
+                         if m not in ("wall_s", "kl") and r_has(base_rows, f"base_{m}")}})
+    for label in labels:
+        mine = [r for r in rows if r["method"] == label]
+        if mine:
+            table.append({"method": label, "seeds": len(mine),
+                          **{m: mean_std([r[m] for r in mine]) for m in columns if r_has(mine, m)}})
+    return table
+
+
+def r_has(rows: list[dict], key: str) -> bool:
+    return all(row.get(key) is not None for row in rows)
+
+
+def write_report(path: Path, table: list[dict], command: str, task: str, machine: str, wall_s: float) -> None:
+    columns = [c for c in METRICS + TARGET_METRICS + ("wall_s",) if any(c in entry for entry in table)]
+    lines = [f"# Method comparison on `{task}`", "",
+             f"Command: `{command}`", "",
+             f"Machine: {machine}, torch {torch.__version__}; sum of the runs' wall "
+             f"times {wall_s / 60:.1f} min.", "",
+             "Mean +- standard deviation over seeds. reward, diversity and fd are the trainer's final evaluation "
+             "(fixed seeds); kl is the path KL to the base model in nats; the target metrics compare the samples "
+             "with the exact KL-tilted target p* (lower dist_to_target and mode_weight_error are better, "
+             "mode_coverage 1 is every target mode found).", "",
+             "| method | seeds | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for entry in table:
+        cells = [f"{entry[c][0]:.4g} +- {entry[c][1]:.2g}" if c in entry else "" for c in columns]
+        lines.append(f"| {entry['method']} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "![Pareto plots](pareto.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_pareto(path: Path, table: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    second = next((m for m in ("dist_to_target", "fd") if all(m in entry for entry in table)), None)
+    panels = [("diversity", "diversity (higher: more diverse)")]
+    if second is not None:
+        panels.append((second, f"{second} (lower: closer to the {'target' if second != 'fd' else 'data'})"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
+        for entry in table:
+            if metric not in entry or "reward" not in entry:
+                continue
+            (x, dx), (y, dy) = entry[metric], entry["reward"]
+            marker = "*" if entry["method"] == "base model" else "o"
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=marker, markersize=9 if marker == "*" else 6, capsize=3,
+                        label=entry["method"])
+        ax.set_xlabel(label)
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    command = "python -m sqdf_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["method"], r["seed"]) for r in rows}
+    try:   # every configuration is checked before the first run starts
+        configs = {(label, seed): run_config(args.task, label, seed, args.overrides, args.out)
+                   for label in args.labels for seed in range(args.seeds)}
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    start = time.time()
+    for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
+        if (label, seed) in done:
+            continue
+        log = Path(cfg.out).with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log, "w") as stream, contextlib.redirect_stdout(stream):
+                summary = run(cfg)
+        except (ValueError, RuntimeError) as err:
+            sys.exit(f"error: {label} seed {seed}: {err} (log: {log}; finished runs are in {results_path})")
+        rows.append(result_row(label, seed, summary))
+        results_path.write_text(json.dumps(rows, indent=1))
+        print(f"[{i}/{len(configs)}] {label} seed {seed}: " +
+              " | ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS + TARGET_METRICS if m in rows[-1]) +
+              f" | {summary['wall_s']:.0f} s", flush=True)
+    table = summarise([r for r in rows if r["method"] in args.labels], args.labels)
+    total = sum(r["wall_s"] for r in rows if r["method"] in args.labels)
+    machine = device_name(resolve_device(next(iter(configs.values())).device))
+    write_report(args.out / "report.md", table, command, args.task, machine, total)
+    plot_pareto(args.out / "pareto.png", table)
+    print(f"wrote {results_path}, {args.out / 'report.md'} and {args.out / 'pareto.png'} "
+          f"(this invocation {time.time() - start:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
