@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+METHOD_CHOICES = ("sqdf", "draft", "draft-lv", "refl", "alignprop", "draft-kl")
+
 
 def option(default, group: str, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
@@ -17,7 +19,8 @@ def option(default, group: str, help: str, choices: tuple | None = None):
 class TrainConfig:
     # task and run
     task: str = option("digits", "task", "built-in task name or module:function returning a sqdf_fast.tasks.Task")
-    method: str = option("sqdf", "task", "fine-tuning method", ("sqdf",))
+    method: str = option("sqdf", "task", "fine-tuning method: sqdf, or a baseline (README, Methods)",
+                         METHOD_CHOICES)
     model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)")
     reward: str | None = option(None, "task", "module:function (images, cond) -> (B,) replacing the task's reward")
     out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)")
@@ -41,6 +44,15 @@ class TrainConfig:
     step_sampler: str = option("uniform", "method", "how the trained step j is drawn: uniform, or discounted "
                                "(q(j) ~ gamma^(T-1-j), loss weighted by (1/T)/q(j))", ("uniform", "discounted"))
     steps_per_trajectory: int = option(1, "method", "trained steps j drawn per sampled trajectory")
+    draft_k: int = option(1, "method", "draft, draft-kl: transitions at the end of the chain the reward gradient "
+                          "flows through")
+    lv_samples: int = option(2, "method", "draft-lv: re-noised copies of the sample denoised again by the last "
+                             "transition")
+    refl_lo: int = option(-6, "method", "refl: first transition the stop K is drawn from (negative: counted from "
+                          "the end, -1 = the last, clipped to the chain)")
+    refl_hi: int = option(-1, "method", "refl: last transition the stop K is drawn from (negative: from the end)")
+    alignprop_min_k: int = option(1, "method", "alignprop: fewest transitions (at the end) that carry gradient")
+    alignprop_max_k: int = option(0, "method", "alignprop: most transitions that carry gradient (0: all T)")
     # replay buffer
     buffer: bool = option(True, "buffer", "keep trajectories in an in-memory replay buffer (off: fully on-policy)")
     buffer_size: int = option(512, "buffer", "capacity in trajectories (ring: oldest overwritten)")
@@ -74,6 +86,16 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def refl_range(cfg: TrainConfig) -> tuple[int, int]:
+    """ReFL's stop transitions [lo, hi] as indices 0..T-1 (negative options count from the end, clipped at 0)."""
+    return tuple(v if v >= 0 else max(cfg.sample_steps + v, 0) for v in (cfg.refl_lo, cfg.refl_hi))
+
+
+def alignprop_range(cfg: TrainConfig) -> tuple[int, int]:
+    """AlignProp's [fewest, most] transitions with gradient (alignprop_max_k 0: all T)."""
+    return cfg.alignprop_min_k, cfg.alignprop_max_k or cfg.sample_steps
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the first impossible value."""
     from sqdf_fast.tasks import BUILTIN
@@ -92,6 +114,17 @@ def validate(cfg: TrainConfig) -> None:
          "must be >= 1 and divide batch_size"),
         (cfg.steps_per_trajectory >= 1 and (cfg.batch_size // cfg.grad_accum) % cfg.steps_per_trajectory == 0,
          "steps_per_trajectory", "must be >= 1 and divide the micro-batch size"),
+        (1 <= cfg.draft_k <= cfg.sample_steps, "draft_k", f"must be in [1, sample_steps={cfg.sample_steps}]"),
+        (cfg.lv_samples >= 1, "lv_samples", "must be >= 1"),
+        (cfg.refl_hi < cfg.sample_steps, "refl_hi",
+         f"must be a transition index < sample_steps={cfg.sample_steps} (negative: counted from the end)"),
+        (cfg.refl_lo < cfg.sample_steps and refl_range(cfg)[0] <= refl_range(cfg)[1], "refl_lo",
+         f"must be a transition index < sample_steps={cfg.sample_steps}, not after refl_hi={cfg.refl_hi}"),
+        (1 <= cfg.alignprop_min_k <= cfg.sample_steps, "alignprop_min_k",
+         f"must be in [1, sample_steps={cfg.sample_steps}]"),
+        (0 <= cfg.alignprop_max_k <= cfg.sample_steps and alignprop_range(cfg)[0] <= alignprop_range(cfg)[1],
+         "alignprop_max_k", (f"must be 0 (all) or in [alignprop_min_k={cfg.alignprop_min_k}, "
+                             f"sample_steps={cfg.sample_steps}]")),
         (cfg.lr > 0, "lr", "must be > 0"),
         (cfg.weight_decay >= 0, "weight_decay", "must be >= 0"),
         (cfg.grad_clip >= 0, "grad_clip", "must be >= 0"),

@@ -1,6 +1,7 @@
-"""The SQDF training micro-step (sqdf-method.md §2-§3, with §11's fixes).
+"""Fine-tuning methods on one engine: the shared `Method` base, the SQDF training micro-step (sqdf-method.md §2-§3,
+with §11's fixes) and the registry `METHODS` / `make_method` (the baselines are in `sqdf_fast/baselines.py`).
 
-At state x_j (transition j of a stored trajectory):
+SQDF at state x_j (transition j of a stored trajectory):
   eps_theta, eps_ref  = guided policy / reference epsilon (same weights, adapter on / off, reference without grad)
   a, kl               = policy_step: a = mu_theta + sigma_j z (fresh z), kl = mean_d (mu_theta - mu_ref)^2 / sigma_j^2
   x0_hat              = consistency model or reference Tweedie at (a, t_{j+1}); x0_hat = a after the last transition
@@ -21,15 +22,26 @@ from sqdf_fast.schedule import DDIMSchedule, step_discounts
 from sqdf_fast.tasks import Task
 
 
-class SQDF:
+class Method:
+    """What every method shares: the task, the DDIM schedule tables, the config, and the guided policy (base +
+    adapter) and reference (adapter off) denoisers.
+
+    `trains_on` tells the trainer what a method learns from:
+    - "states": x_j drawn from collected trajectories or the replay buffer, `loss(x, j, cond, weight, generator)
+      -> (loss, stats)` (SQDF);
+    - "chains": its own on-policy chains from fresh x_T, `chain_loss(cond, x_T, generator) -> (loss, stats, fresh)`
+      (the baselines); no buffer is kept for them.
+    stats are scalar device tensors `reward_q` (the reward the loss is computed on) and `kl_term`.
+    """
+    trains_on = "states"
+    estimator_name = "none"   # the one-step x0 estimate the reward sees, for the start-up line
+
     def __init__(self, task: Task, schedule: DDIMSchedule, cfg):
         self.task, self.schedule, self.cfg = task, schedule, cfg
-        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto" and task.consistency is not None)
-        if use_consistency and task.consistency is None:
-            raise ValueError(f"q_estimator='consistency': task {task.name!r} has no consistency model")
-        self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0
-        self.estimator_name = "consistency" if use_consistency else "tweedie"
-        if not bool((schedule.sigma(cfg.eta) > 0).all()):
+
+    def require_gaussian_policy(self) -> None:
+        """The KL divides by sigma_j^2: every transition must have sigma_j > 0."""
+        if not bool((self.schedule.sigma(self.cfg.eta) > 0).all()):
             raise ValueError("sample_steps: some transition has sigma_j = 0 (a scheduler with set_alpha_to_one=True?):"
                              " the policy must be Gaussian at every step for the KL")
 
@@ -45,6 +57,19 @@ class SQDF:
         """The base model: the policy's own weights with the adapter off (differentiable in x when grad is on)."""
         with adapters_disabled(self.task.unet):
             return self.policy_eps(x, t, cond, guidance)
+
+
+class SQDF(Method):
+    """The SQDF loss of the module docstring, on stored states x_j."""
+
+    def __init__(self, task: Task, schedule: DDIMSchedule, cfg):
+        super().__init__(task, schedule, cfg)
+        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto" and task.consistency is not None)
+        if use_consistency and task.consistency is None:
+            raise ValueError(f"q_estimator='consistency': task {task.name!r} has no consistency model")
+        self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0
+        self.estimator_name = "consistency" if use_consistency else "tweedie"
+        self.require_gaussian_policy()
 
     # one-step x0 estimators of the next state --------------------------------------------------------------
     def _consistency_x0(self, a: Tensor, j: Tensor, cond: Tensor) -> Tensor:
@@ -95,3 +120,16 @@ def sample_steps(n: int, num_steps: int, sampler: str, gamma: float, generator: 
     q = q / q.sum()
     j = torch.multinomial(q, n, replacement=True, generator=generator)
     return j, 1.0 / (num_steps * q[j])
+
+
+# the registry: SQDF here; sqdf_fast.baselines adds the baselines when it is imported (it subclasses Method, so it
+# cannot be imported at the top of this module), which make_method does
+METHODS: dict[str, type[Method]] = {"sqdf": SQDF}
+
+
+def make_method(task: Task, schedule: DDIMSchedule, cfg) -> Method:
+    """The method `cfg.method` names (config.METHOD_CHOICES)."""
+    import sqdf_fast.baselines  # noqa: F401 -- registers the baselines in METHODS
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r}: must be one of {', '.join(METHODS)}")
+    return METHODS[cfg.method](task, schedule, cfg)

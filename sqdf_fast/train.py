@@ -25,7 +25,7 @@ from sqdf_fast.adapters import (
     load_adapter_state_dict,
 )
 from sqdf_fast.buffer import ReplayBuffer
-from sqdf_fast.method import SQDF, sample_steps
+from sqdf_fast.method import SQDF, make_method, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
 from sqdf_fast.rollout import rollout
@@ -184,11 +184,12 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         task.reward = tasks.load_callable(cfg.reward, "reward")
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    method = SQDF(task, schedule, cfg)
+    method = make_method(task, schedule, cfg)
+    chains = method.trains_on == "chains"   # a baseline: its own on-policy chains, no collect/buffer/draw
     optimizer = make_optimizer(params, cfg, device)
     generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed))
     buffer = None
-    if cfg.buffer:
+    if cfg.buffer and not chains:
         cond_example = task.sample_conditions(1, torch.Generator(device).manual_seed(0))
         buffer = ReplayBuffer(cfg.buffer_size, cfg.sample_steps, task.sample_shape, tuple(cond_example.shape[1:]),
                               cond_example.dtype, device, getattr(torch, cfg.buffer_dtype))
@@ -243,18 +244,28 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, disable=not cfg.progress,
                dynamic_ncols=True, desc="sqdf")
     for step in bar:
-        if buffer is None or step % cfg.replay_ratio == 0:
+        if not chains and (buffer is None or step % cfg.replay_ratio == 0):
             n_new = cfg.rollout_batch if buffer is not None else cfg.batch_size // cfg.steps_per_trajectory
             fresh = collect(method, n_new, cfg, generator)
             if buffer is not None:
                 buffer.add(fresh["states"], fresh["cond"], fresh["reward"], step)
         optimizer.zero_grad(set_to_none=False)
         finite = torch.ones((), dtype=torch.bool, device=device)
+        parts = []   # chain methods: each micro-batch's final samples, for logging
         for micro in range(cfg.grad_accum):
-            x, j, cond, weight = draw(micro, fresh, buffer, cfg, schedule.num_steps, generator)
-            loss, stats = method.loss(x, j, cond, weight, generator)
+            if chains:
+                size = cfg.batch_size // cfg.grad_accum
+                cond = task.sample_conditions(size, generator)
+                x_T = torch.randn((size, *task.sample_shape), generator=generator, device=device)
+                loss, stats, part = method.chain_loss(cond, x_T, generator)
+                parts.append(part)
+            else:
+                x, j, cond, weight = draw(micro, fresh, buffer, cfg, schedule.num_steps, generator)
+                loss, stats = method.loss(x, j, cond, weight, generator)
             (loss / cfg.grad_accum).backward()
             finite &= torch.isfinite(loss)
+        if chains:
+            fresh = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         guarded_step(optimizer, finite)

@@ -1,6 +1,7 @@
 """Tasks are plug-ins: a base denoiser, an optional consistency model, a reward, an evaluator and conditions.
 
-A task is built by a function `make(cfg) -> Task`. Built-in: `digits`. Your own: `--task my_module:make_task`.
+A task is built by a function `make(cfg) -> Task`. Built-in: `digits`, `gmm2d`, `gmm2d-ring`. Your own:
+`--task my_module:make_task`.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class Task:
         return self
 
 
-BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task"}
+BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task", "gmm2d": "sqdf_fast.tasks.gmm2d:make_task",
+           "gmm2d-ring": "sqdf_fast.tasks.gmm2d:make_ring_task"}
 
 
 def load_callable(reference: str, what: str) -> Callable:
