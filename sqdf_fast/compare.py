@@ -11,6 +11,7 @@ method's own defaults below, then the --set overrides. Writes, and rewrites afte
                        and the base model's values as base_<metric>
     OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds
     OUT/pareto.png     reward against diversity, and against dist_to_target (or fd), one point per method
+    OUT/samples/       each method's final evaluation samples (first seed) and the base model's
 
 A run whose (method, seed) is already in OUT/results.json is not repeated, so an interrupted comparison continues
 where it stopped. Variants name a method with changed options: `--ablations` adds SQDF without the discount
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -136,6 +138,10 @@ def write_report(path: Path, table: list[dict], command: str, task: str, machine
         cells = [f"{entry[c][0]:.4g} +- {entry[c][1]:.2g}" if c in entry else "" for c in columns]
         lines.append(f"| {entry['method']} | {entry['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", "![Pareto plots](pareto.png)", ""]
+    samples = sorted(path.parent.glob("samples/*.png"))
+    if samples:
+        lines += ["Final evaluation samples of each method's first seed:", ""]
+        lines += [f"**{p.stem}**\n\n![{p.stem}](samples/{p.name})\n" for p in samples]
     path.write_text("\n".join(lines))
 
 
@@ -163,6 +169,18 @@ def plot_pareto(path: Path, table: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def copy_first_seed_samples(out: Path, labels: list[str]) -> None:
+    """OUT/samples/<method>.png: seed 0's final samples (and base-model.png), so the report needs no run directories."""
+    (out / "samples").mkdir(exist_ok=True)
+    for label in labels:
+        run_dir = out / "runs" / f"{label}-seed0"
+        if (run_dir / "samples_final.png").exists():
+            shutil.copyfile(run_dir / "samples_final.png", out / "samples" / f"{label}.png")
+    first = out / "runs" / f"{labels[0]}-seed0" / "samples_base.png"
+    if first.exists():
+        shutil.copyfile(first, out / "samples" / "base-model.png")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -193,6 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[{i}/{len(configs)}] {label} seed {seed}: " +
               " | ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS + TARGET_METRICS if m in rows[-1]) +
               f" | {summary['wall_s']:.0f} s", flush=True)
+    copy_first_seed_samples(args.out, args.labels)
     table = summarise([r for r in rows if r["method"] in args.labels], args.labels)
     total = sum(r["wall_s"] for r in rows if r["method"] in args.labels)
     machine = device_name(resolve_device(next(iter(configs.values())).device))
