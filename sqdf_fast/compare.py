@@ -9,7 +9,9 @@ method's own defaults below, then the --set overrides. Writes, and rewrites afte
     OUT/results.json   a list of rows: method, seed, reward, diversity, fd, kl, the task's target metrics
                        (dist_to_target, mode_weight_error, mode_coverage where the target is known), wall_s,
                        and the base model's values as base_<metric>
-    OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds
+    OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds; a run
+                       that fails (e.g. stopped by the non-finite guard after diverging) is recorded as failed
+                       and the comparison goes on
     OUT/pareto.png     reward against diversity, and against dist_to_target (or fd), one point per method
     OUT/samples/       each method's final evaluation samples (first seed) and the base model's
 
@@ -105,16 +107,18 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
     """One entry per method (and one for the base model): {metric: (mean, std)} over its seeds."""
     columns = [m for m in METRICS + TARGET_METRICS if any(m in r for r in rows)] + ["wall_s"]
     table = []
-    base_rows = [r for r in rows if r["method"] == labels[0]] or rows
+    finished = [r for r in rows if "failed" not in r]
+    base_rows = [r for r in finished if r["method"] == labels[0]] or finished
     if base_rows:
-        table.append({"method": "base model", "seeds": len(base_rows),
+        table.append({"method": "base model", "seeds": len(base_rows), "failed": 0,
                       **{m: mean_std([r[f"base_{m}"] for r in base_rows]) for m in columns
                          if m not in ("wall_s", "kl") and r_has(base_rows, f"base_{m}")}})
     for label in labels:
-        mine = [r for r in rows if r["method"] == label]
-        if mine:
-            table.append({"method": label, "seeds": len(mine),
-                          **{m: mean_std([r[m] for r in mine]) for m in columns if r_has(mine, m)}})
+        mine = [r for r in finished if r["method"] == label]
+        failed = sum(r["method"] == label and "failed" in r for r in rows)
+        if mine or failed:
+            table.append({"method": label, "seeds": len(mine), "failed": failed,
+                          **{m: mean_std([r[m] for r in mine]) for m in columns if mine and r_has(mine, m)}})
     return table
 
 
@@ -122,7 +126,8 @@ def r_has(rows: list[dict], key: str) -> bool:
     return all(row.get(key) is not None for row in rows)
 
 
-def write_report(path: Path, table: list[dict], command: str, task: str, machine: str, wall_s: float) -> None:
+def write_report(path: Path, table: list[dict], failures: list[dict], command: str, task: str, machine: str,
+                 wall_s: float) -> None:
     columns = [c for c in METRICS + TARGET_METRICS + ("wall_s",) if any(c in entry for entry in table)]
     lines = [f"# Method comparison on `{task}`", "",
              f"Command: `{command}`", "",
@@ -132,11 +137,14 @@ def write_report(path: Path, table: list[dict], command: str, task: str, machine
              "(fixed seeds); kl is the path KL to the base model in nats; the target metrics compare the samples "
              "with the exact KL-tilted target p* (lower dist_to_target and mode_weight_error are better, "
              "mode_coverage 1 is every target mode found).", "",
-             "| method | seeds | " + " | ".join(columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+             "| method | seeds | failed | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for entry in table:
         cells = [f"{entry[c][0]:.4g} +- {entry[c][1]:.2g}" if c in entry else "" for c in columns]
-        lines.append(f"| {entry['method']} | {entry['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {entry['method']} | {entry['seeds']} | {entry['failed']} | " + " | ".join(cells) + " |")
+    if failures:
+        lines += ["", "Failed runs (not in the means above):", ""]
+        lines += [f"- {r['method']} seed {r['seed']}: {r['failed']}" for r in failures]
     lines += ["", "![Pareto plots](pareto.png)", ""]
     samples = sorted(path.parent.glob("samples/*.png"))
     if samples:
@@ -201,21 +209,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         log = Path(cfg.out).with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
+        run_start = time.time()
         try:
             with open(log, "w") as stream, contextlib.redirect_stdout(stream):
                 summary = run(cfg)
-        except (ValueError, RuntimeError) as err:
-            sys.exit(f"error: {label} seed {seed}: {err} (log: {log}; finished runs are in {results_path})")
-        rows.append(result_row(label, seed, summary))
+            rows.append(result_row(label, seed, summary))
+            line = " | ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS + TARGET_METRICS if m in rows[-1])
+        except (ValueError, RuntimeError) as err:   # a diverged run is a result too: record it and go on
+            rows.append({"method": label, "seed": seed, "failed": str(err),
+                         "wall_s": round(time.time() - run_start, 1)})
+            line = f"FAILED: {err} (log: {log})"
         results_path.write_text(json.dumps(rows, indent=1))
-        print(f"[{i}/{len(configs)}] {label} seed {seed}: " +
-              " | ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS + TARGET_METRICS if m in rows[-1]) +
-              f" | {summary['wall_s']:.0f} s", flush=True)
+        print(f"[{i}/{len(configs)}] {label} seed {seed}: {line} | {rows[-1]['wall_s']:.0f} s", flush=True)
     copy_first_seed_samples(args.out, args.labels)
     table = summarise([r for r in rows if r["method"] in args.labels], args.labels)
     total = sum(r["wall_s"] for r in rows if r["method"] in args.labels)
     machine = device_name(resolve_device(next(iter(configs.values())).device))
-    write_report(args.out / "report.md", table, command, args.task, machine, total)
+    failures = [r for r in rows if r["method"] in args.labels and "failed" in r]
+    write_report(args.out / "report.md", table, failures, command, args.task, machine, total)
     plot_pareto(args.out / "pareto.png", table)
     print(f"wrote {results_path}, {args.out / 'report.md'} and {args.out / 'pareto.png'} "
           f"(this invocation {time.time() - start:.0f} s)")

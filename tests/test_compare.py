@@ -32,6 +32,16 @@ def test_tiny_comparison_writes_rows_report_and_plot(tmp_path, capsys):
     assert "seed" not in capsys.readouterr().out.split("wrote")[0]
 
 
+def test_a_failed_run_is_recorded_and_the_comparison_goes_on(tmp_path):
+    """A run the non-finite guard stops (here: a reward that is always NaN) is a failed row; the report lists it."""
+    out = tmp_path / "cmp"
+    rows = compare.main(["--task", "digits", "--methods", "sqdf", "--seeds", "2", "--out", str(out), *TINY,
+                         "--set", "reward=rewards_for_tests:always_nan", "--set", "max_nonfinite_steps=1"])
+    assert [r["seed"] for r in rows] == [0, 1] and all("non-finite" in r["failed"] for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| sqdf | 0 | 2 |" in report and "Failed runs" in report
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "nonsense"], "method='nonsense'"),
     (["--set", "alpha=-1"], "alpha=-1"),
