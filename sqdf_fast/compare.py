@@ -16,8 +16,10 @@ method's own defaults below, then the --set overrides. Writes, and rewrites afte
     OUT/samples/       each method's final evaluation samples (first seed) and the base model's
 
 A run whose (method, seed) is already in OUT/results.json is not repeated, so an interrupted comparison continues
-where it stopped. Variants name a method with changed options: `--ablations` adds SQDF without the discount
-(gamma = 1), without the consistency model (the reference's Tweedie estimate) and without the replay buffer.
+where it stopped (the run directory an interruption left unfinished is removed and the run starts again).
+Variants name a method with changed options: `--ablations` adds SQDF without the discount (gamma = 1; with
+gamma = 0.9 instead on a task whose default is no discount), without the consistency model (the reference's Tweedie
+estimate) and without the replay buffer.
 """
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ from sqdf_fast.train import resolve_device, run
 # A label -> (method, option overrides). Plain method names need no entry.
 VARIANTS = {
     "sqdf-no-discount": ("sqdf", {"gamma": 1.0}),
+    "sqdf-discount": ("sqdf", {"gamma": 0.9}),   # the discount ablation of a task that trains without one
     "sqdf-no-cm": ("sqdf", {"q_estimator": "tweedie"}),
     "sqdf-no-buffer": ("sqdf", {"buffer": False}),
 }
-ABLATIONS = tuple(VARIANTS)
+ABLATIONS = ("sqdf-no-discount", "sqdf-no-cm", "sqdf-no-buffer")
 METRICS = ("reward", "diversity", "fd", "kl")
 TARGET_METRICS = ("dist_to_target", "mode_weight_error", "mode_coverage")
 
@@ -68,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.ablations:
-        args.labels += [label for label in ABLATIONS if label not in args.labels]
+        ablations = list(ABLATIONS)
+        if config.from_dict({"task": args.task}, "task").gamma == 1.0:   # the task trains without a discount
+            ablations[0] = "sqdf-discount"
+        args.labels += [label for label in ablations if label not in args.labels]
     args.overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -173,7 +179,8 @@ def plot_pareto(path: Path, table: list[dict]) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         log = Path(cfg.out).with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
+        if Path(cfg.out).exists():   # an interrupted earlier invocation's run: results.json does not have it
+            print(f"removing the unfinished run {cfg.out}", flush=True)
+            shutil.rmtree(cfg.out)
         run_start = time.time()
         try:
             with open(log, "w") as stream, contextlib.redirect_stdout(stream):

@@ -27,6 +27,12 @@ def test_tiny_comparison_writes_rows_report_and_plot(tmp_path, capsys):
     assert rows[0]["base_reward"] == rows[2]["base_reward"]
 
     capsys.readouterr()
+    rows_file = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(rows_file[:-1]))   # as if interrupted during the last run
+    rows = compare.main(["--task", "digits", "--methods", "sqdf,sqdf-no-discount", "--seeds", "2",
+                         "--out", str(out), *TINY])
+    assert [(r["method"], r["seed"]) for r in rows] == [(r["method"], r["seed"]) for r in rows_file]
+    assert "removing the unfinished run" in capsys.readouterr().out
     again = compare.main(["--task", "digits", "--methods", "sqdf", "--seeds", "2", "--out", str(out), *TINY])
     assert again == rows                                   # nothing re-run: every (method, seed) was done
     assert "seed" not in capsys.readouterr().out.split("wrote")[0]
