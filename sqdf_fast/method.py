@@ -64,7 +64,8 @@ class SQDF(Method):
 
     def __init__(self, task: Task, schedule: DDIMSchedule, cfg):
         super().__init__(task, schedule, cfg)
-        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto" and task.consistency is not None)
+        use_consistency = cfg.q_estimator == "consistency" or (cfg.q_estimator == "auto"
+                                                               and task.consistency is not None)
         if use_consistency and task.consistency is None:
             raise ValueError(f"q_estimator='consistency': task {task.name!r} has no consistency model")
         self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0

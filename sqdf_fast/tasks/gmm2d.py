@@ -126,9 +126,9 @@ def sample(mixture: Mixture, n: int, generator: torch.Generator) -> Tensor:
     return mixture.means[k] + mixture.variances[k].sqrt()[:, None] * noise
 
 
-def tilted_mixture(mixture: Mixture, c: Tensor, l: float, alpha: float) -> tuple[Mixture, float]:
-    """p0 exp(r / alpha) / Z for r(x) = -|x - c|^2 / (2 l^2), exactly: (the mixture, log Z)."""
-    tilt_var = l**2 * alpha
+def tilted_mixture(mixture: Mixture, c: Tensor, length: float, alpha: float) -> tuple[Mixture, float]:
+    """p0 exp(r / alpha) / Z for r(x) = -|x - c|^2 / (2 length^2), exactly: (the mixture, log Z)."""
+    tilt_var = length**2 * alpha
     total_var = mixture.variances + tilt_var
     log_mass = (mixture.weights.log() + torch.log(tilt_var / total_var)
                 - (mixture.means - c).square().sum(-1) / (2 * total_var))
