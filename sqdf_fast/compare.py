@@ -17,9 +17,16 @@ method's own defaults below, then the --set overrides. Writes, and rewrites afte
 
 A run whose (method, seed) is already in OUT/results.json is not repeated, so an interrupted comparison continues
 where it stopped (the run directory an interruption left unfinished is removed and the run starts again).
+
+A label is a method, or a variant, optionally with options of its own after `@`: `sqdf@alpha=0.5@gamma=0.95`.
 Variants name a method with changed options: `--ablations` adds SQDF without the discount (gamma = 1; with
 gamma = 0.9 instead on a task whose default is no discount), without the consistency model (the reference's Tweedie
-estimate) and without the replay buffer.
+estimate) and without the replay buffer. Options apply in the order task defaults (for the method), variant, --set,
+the label's own. Labels of one method that differ only in their `@` options form a sweep: the Pareto plot joins them
+into that method's front, and the report reads the SQDF front at each other method's reward (matched reward).
+
+Every run measures against the same target: target_alpha is pinned to the alpha of the task defaults and --set
+(a task with a known p* ~ p0 exp(r / alpha) compares every method's samples with that one p*).
 """
 from __future__ import annotations
 
@@ -86,9 +93,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_label(label: str) -> tuple[str, dict]:
+    """`name@key=value@...` -> (name, {key: value}); name is a method or a variant."""
+    name, *items = label.split("@")
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method label {label!r}: expected NAME@KEY=VALUE[@KEY=VALUE...], got {item!r}")
+        options[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return name, options
+
+
+def family(label: str) -> str:
+    """The sweep a label belongs to: its name without the `@` options."""
+    return label.split("@")[0]
+
+
 def run_config(task: str, label: str, seed: int, overrides: dict, out: Path) -> config.TrainConfig:
-    method, variant = VARIANTS.get(label, (label, {}))
-    values = {"task": task, "method": method, **variant, "seed": seed, **overrides,
+    name, own = parse_label(label)
+    method, variant = VARIANTS.get(name, (name, {}))
+    pinned = {"target_alpha": config.from_dict({"task": task, **overrides}, "--set").alpha}
+    values = {"task": task, "method": method, **pinned, **variant, **overrides, **own, "seed": seed,
               "out": str(out / "runs" / f"{label}-seed{seed}"), "progress": False}
     cfg = config.from_dict(values, f"{label} (seed {seed})")
     config.validate(cfg)
@@ -132,17 +158,60 @@ def r_has(rows: list[dict], key: str) -> bool:
     return all(row.get(key) is not None for row in rows)
 
 
+def front_at(table: list[dict], reward: float, metric: str, reference: str = "sqdf") -> float | None:
+    """The reference method's front (its sweep's points joined in reward order) read at `reward`: the metric
+    interpolated linearly between the two points around it; None outside the swept reward range."""
+    points = sorted((e["reward"][0], e[metric][0]) for e in table
+                    if family(e["method"]) == reference and "reward" in e and metric in e)
+    for (r0, m0), (r1, m1) in zip(points, points[1:]):
+        if r0 <= reward <= r1:
+            return m0 if r1 == r0 else m0 + (m1 - m0) * (reward - r0) / (r1 - r0)
+    return None
+
+
+def matched_reward_lines(table: list[dict], second: str | None) -> list[str]:
+    """The report's matched-reward table: each other method against the SQDF front at the same reward."""
+    sweep = [e for e in table if family(e["method"]) == "sqdf" and "reward" in e]
+    if len(sweep) < 2:
+        return []
+    lower_better = second in ("fd", "dist_to_target")
+    metrics = ["diversity"] + ([second] if second else [])
+    lines = ["## At matched reward", "",
+             f"The SQDF front joins the {len(sweep)} SQDF points ({', '.join(e['method'] for e in sweep)}) in "
+             f"reward order; each other method is compared with that front read at the method's own mean reward "
+             f"(linear between the two SQDF points around it; blank outside the swept rewards). Higher diversity"
+             + (f" and lower {second}" if lower_better else "") + " is better.", "",
+             "| method | reward | " + " | ".join(f"{m} | SQDF front {m}" for m in metrics) + " |",
+             "|---|---|" + "---|---|" * len(metrics)]
+    for entry in table:
+        if family(entry["method"]) == "sqdf" or entry["method"] == "base model" or "reward" not in entry:
+            continue
+        cells = []
+        for metric in metrics:
+            front = front_at(table, entry["reward"][0], metric)
+            cells += [f"{entry[metric][0]:.4g}" if metric in entry else "", "" if front is None else f"{front:.4g}"]
+        lines.append(f"| {entry['method']} | {entry['reward'][0]:.4g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def second_metric(table: list[dict]) -> str | None:
+    """The Pareto plot's second axis: distance to the target where the task knows it, else fd."""
+    return next((m for m in ("dist_to_target", "fd") if all(m in entry for entry in table)), None)
+
+
 def write_report(path: Path, table: list[dict], failures: list[dict], command: str, task: str, machine: str,
                  wall_s: float) -> None:
     columns = [c for c in METRICS + TARGET_METRICS + ("wall_s",) if any(c in entry for entry in table)]
+    legend = ("Mean +- standard deviation over seeds. reward, diversity and fd are the trainer's final evaluation "
+              "(fixed seeds); kl is the path KL to the base model in nats.")
+    if "dist_to_target" in columns:
+        legend += (" The target metrics compare the samples with the exact KL-tilted target p* at the pinned "
+                   "target_alpha (lower dist_to_target and mode_weight_error are better, mode_coverage 1 is every "
+                   "target mode found).")
     lines = [f"# Method comparison on `{task}`", "",
              f"Command: `{command}`", "",
              f"Machine: {machine}, torch {torch.__version__}; sum of the runs' wall "
-             f"times {wall_s / 60:.1f} min.", "",
-             "Mean +- standard deviation over seeds. reward, diversity and fd are the trainer's final evaluation "
-             "(fixed seeds); kl is the path KL to the base model in nats; the target metrics compare the samples "
-             "with the exact KL-tilted target p* (lower dist_to_target and mode_weight_error are better, "
-             "mode_coverage 1 is every target mode found).", "",
+             f"times {wall_s / 60:.1f} min.", "", legend, "",
              "| method | seeds | failed | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for entry in table:
@@ -152,10 +221,11 @@ def write_report(path: Path, table: list[dict], failures: list[dict], command: s
         lines += ["", "Failed runs (not in the means above):", ""]
         lines += [f"- {r['method']} seed {r['seed']}: {r['failed']}" for r in failures]
     lines += ["", "![Pareto plots](pareto.png)", ""]
+    lines += matched_reward_lines(table, second_metric(table))
     samples = sorted(path.parent.glob("samples/*.png"))
     if samples:
         lines += ["Final evaluation samples of each method's first seed:", ""]
-        lines += [f"**{p.stem}**\n\n![{p.stem}](samples/{p.name})\n" for p in samples]
+        lines += [f"**{p.stem}**\n\n![{p.stem}](<samples/{p.name}>)\n" for p in samples]
     path.write_text("\n".join(lines))
 
 
@@ -163,24 +233,33 @@ def plot_pareto(path: Path, table: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    second = next((m for m in ("dist_to_target", "fd") if all(m in entry for entry in table)), None)
+    second = second_metric(table)
     panels = [("diversity", "diversity (higher: more diverse)")]
     if second is not None:
         panels.append((second, f"{second} (lower: closer to the {'target' if second != 'fd' else 'data'})"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    families = list(dict.fromkeys(family(entry["method"]) for entry in table))
+    colours = {name: plt.cm.tab20(i % 20) for i, name in enumerate(families)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels):
-        for entry in table:
-            if metric not in entry or "reward" not in entry:
+        for name in families:
+            points = sorted((e["reward"], e[metric], e["method"]) for e in table
+                            if family(e["method"]) == name and metric in e and "reward" in e)
+            if not points:
                 continue
-            (x, dx), (y, dy) = entry[metric], entry["reward"]
-            marker = "*" if entry["method"] == "base model" else "o"
-            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=marker, markersize=9 if marker == "*" else 6, capsize=3,
-                        label=entry["method"])
+            colour, marker = colours[name], "*" if name == "base model" else "o"
+            for i, ((y, dy), (x, dx), method) in enumerate(points):
+                ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=marker, color=colour, markersize=10 if marker == "*" else 6,
+                            capsize=3, label=name if i == 0 else None)
+                if "@" in method:   # a sweep point: say which
+                    ax.annotate(method.partition("@")[2], (x, y), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+            if len(points) > 1:   # the sweep's front
+                ax.plot([p[1][0] for p in points], [p[0][0] for p in points], "-", color=colour, alpha=0.6)
         ax.set_xlabel(label)
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
     if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=8)
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

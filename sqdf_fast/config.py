@@ -35,6 +35,8 @@ class TrainConfig:
     # method
     alpha: float = option(2.0, "method", "KL coefficient on the method's per-pixel KL scale: alpha * 2/d per nat "
                           "of true KL")
+    target_alpha: float | None = option(None, "method", "alpha of the target p* ~ p0 exp(r/alpha) a task with a known "
+                                        "target measures samples against (default: alpha)")
     gamma: float = option(0.9, "method", "discount of the reward term: gamma^(T-1-j)")
     q_estimator: str = option("auto", "method", "one-step x0 for the soft Q: consistency model or reference "
                               "Tweedie; auto = consistency when the task has one", ("auto", "consistency", "tweedie"))
@@ -102,6 +104,7 @@ def validate(cfg: TrainConfig) -> None:
     checks = [
         (0 < cfg.gamma <= 1, "gamma", "must lie in (0, 1]"),
         (cfg.alpha >= 0, "alpha", "must be >= 0"),
+        (cfg.target_alpha is None or cfg.target_alpha > 0, "target_alpha", "must be > 0 (or unset: alpha)"),
         (cfg.eta > 0, "eta", "must be > 0 (at eta = 0 the policy is deterministic and the KL divides by zero)"),
         (cfg.guidance >= 0, "guidance", "must be >= 0"),
         (cfg.estimator_guidance >= 0, "estimator_guidance", "must be >= 0"),
@@ -158,13 +161,14 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def from_dict(values: dict, source: str) -> TrainConfig:
-    """A config from explicit values over the task's own defaults (sqdf_fast.tasks.config_defaults) over the
-    dataclass defaults."""
+    """A config from explicit values over the task's own defaults for the method (sqdf_fast.tasks.config_defaults)
+    over the dataclass defaults."""
     from sqdf_fast.tasks import config_defaults
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
-    return TrainConfig(**{**config_defaults(values.get("task", FIELDS["task"].default)), **values})
+    task, method = values.get("task", FIELDS["task"].default), values.get("method", FIELDS["method"].default)
+    return TrainConfig(**{**config_defaults(task, method), **values})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,7 +109,8 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
         t = torch.full((n,), t_value)
         a = schedule.alpha_t[j]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
-        estimates = {"tweedie": reference.tweedie_x0(x_t, denoiser(x_t, t, cond).combined(), a), "consistency": cm(x_t, t, cond)}
+        estimates = {"tweedie": reference.tweedie_x0(x_t, denoiser(x_t, t, cond).combined(), a),
+                     "consistency": cm(x_t, t, cond)}
         _, samples, _ = rollout(denoiser, schedule, x_t.repeat(continuations, 1, 1, 1), cond.repeat(continuations),
                                 1.0, generator, first_step=j)
         target = reward(samples, cond.repeat(continuations)).view(continuations, n).mean(0)

@@ -202,3 +202,17 @@ def test_training_run_writes_the_target_metrics(tmp_path):
 def test_alpha_must_be_positive():
     with pytest.raises(ValueError, match="alpha"):
         resolve("gmm2d-ring")(cfg_for("gmm2d-ring", alpha=0.0))
+
+
+def test_target_alpha_sets_the_target_whatever_the_runs_alpha():
+    """A comparison pins target_alpha: a run at another alpha (or a method without one) is measured against the same
+    p*, and an alpha of 0 is fine once the target is given."""
+    samples = gmm2d.sample(gmm2d.ring_mixture(), 512, torch.Generator().manual_seed(3)).float()
+    cond = torch.zeros(len(samples), dtype=torch.long)
+    for name in ("gmm2d", "gmm2d-ring"):
+        reference = resolve(name)(cfg_for(name, alpha=1.0)).target_metrics(samples, cond)
+        pinned = resolve(name)(cfg_for(name, alpha=0.0, target_alpha=1.0)).target_metrics(samples, cond)
+        other = resolve(name)(cfg_for(name, alpha=0.3)).target_metrics(samples, cond)
+        assert pinned == reference and other["dist_to_target"] != reference["dist_to_target"]
+    with pytest.raises(ValueError, match="target_alpha"):
+        config.validate(cfg_for("gmm2d", target_alpha=-1.0))

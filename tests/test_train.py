@@ -141,6 +141,16 @@ def test_config_file_and_cli_precedence(tmp_path):
     assert (cfg.gamma, cfg.alpha, cfg.buffer, resume) == (0.5, 0.3, False, None)
 
 
+def test_task_and_method_defaults_yield_to_explicit_options():
+    """dataclass < the task's CONFIG_DEFAULTS < its METHOD_DEFAULTS for the chosen method < config file < CLI."""
+    assert config.parse(["--method", "draft-kl"])[0].alpha == 0.035   # digits' DRaFT+KL alpha (sum over T steps)
+    assert config.parse([])[0].alpha == 2.0
+    gmm = config.parse(["--task", "gmm2d", "--method", "draft-kl"])[0]
+    assert (gmm.alpha, gmm.target_alpha, gmm.sample_steps) == (0.0175, 1.0, 50)
+    assert config.parse(["--task", "gmm2d", "--method", "draft-kl", "--alpha", "0.5"])[0].alpha == 0.5
+    assert config.parse(["--task", "gmm2d"])[0].target_alpha is None   # SQDF's target follows its own alpha
+
+
 def test_short_run_raises_reward(tmp_path):
     """A short SQDF run on the shipped digits model makes its samples (same evaluation seeds) bolder."""
     cfg = tiny(tmp_path, steps=12, batch_size=16, rollout_batch=16, buffer_size=64, sample_steps=10,

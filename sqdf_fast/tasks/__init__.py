@@ -58,12 +58,14 @@ def load_callable(reference: str, what: str) -> Callable:
         raise ValueError(f"{what}: cannot load {reference!r}: {err}") from err
 
 
-def config_defaults(name: str) -> dict:
-    """Config values a built-in task needs other than the digits defaults (its module's CONFIG_DEFAULTS)."""
+def config_defaults(name: str, method: str = "sqdf") -> dict:
+    """Config values a built-in task needs other than the dataclass defaults: its module's CONFIG_DEFAULTS, then
+    METHOD_DEFAULTS[method] (e.g. DRaFT+KL's alpha, which weighs a sum over all T transitions)."""
     target = BUILTIN.get(name)
     if target is None:
         return {}
-    return dict(getattr(importlib.import_module(target.partition(":")[0]), "CONFIG_DEFAULTS", {}))
+    module = importlib.import_module(target.partition(":")[0])
+    return {**getattr(module, "CONFIG_DEFAULTS", {}), **getattr(module, "METHOD_DEFAULTS", {}).get(method, {})}
 
 
 def resolve(name: str) -> Callable:
