@@ -137,6 +137,11 @@ def normalized(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """float32 out of a bf16/fp16 reward network; float64 stays float64 (gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class AestheticReward(FrozenReward):
     """LAION aesthetic score: head(normalise(CLIP image embedding of clip_preprocess(images)))."""
 
@@ -148,7 +153,7 @@ class AestheticReward(FrozenReward):
 
     def score(self, images: Tensor, cond: Tensor) -> Tensor:
         embeds = self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds
-        return self.head(normalized(embeds)).float()
+        return at_least_float32(self.head(normalized(embeds)))
 
 
 class ClipScoreReward(FrozenReward):
@@ -166,7 +171,7 @@ class ClipScoreReward(FrozenReward):
             raise ValueError(f"cond: clip-score needs (B,) integer prompt indices, got {tuple(cond.shape)} "
                              f"{cond.dtype}")
         embeds = normalized(self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds)
-        return (self.scale * (embeds * self.text_embeds[cond]).sum(-1)).float()
+        return at_least_float32(self.scale * (embeds * self.text_embeds[cond]).sum(-1))
 
 
 # --- weights: folder layout, checks (cheap, for config.validate) and loading ---
