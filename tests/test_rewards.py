@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModel
 
-from sqdf_fast import config, rewards
+from sqdf_fast import config
 from sqdf_fast.rewards import CLIP_MEAN, CLIP_STD, build_reward, clip_preprocess
 from sqdf_fast.train import main, run
 
