@@ -38,6 +38,7 @@ Names for `build_reward` (the trainer's `--reward`, with `--reward-weights PATH`
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -217,7 +218,11 @@ def load_head_state(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:   # e.g. a whole pickled model, not weights
+        raise ValueError(f"reward_weights: cannot read {path} as a state dict (torch.load, weights_only=True): "
+                         f"{err}") from err
     if not isinstance(state, dict):
         raise ValueError(f"reward_weights: {path} holds a {type(state).__name__}, not a state dict")
     return state

@@ -271,6 +271,8 @@ def test_head_shape_and_layout_errors(tmp_path, weights):
         build_reward("aesthetic", weights=with_head("layout", relu_indices))
     with pytest.raises(ValueError, match="makes 768-d image embeddings but the aesthetic head .* takes 512-d"):
         build_reward("aesthetic", weights=with_head("narrow", laion_head_state(in_features=512)))
+    with pytest.raises(ValueError, match="cannot read .* as a state dict"):
+        build_reward("aesthetic", weights=with_head("pickled", {"layers": nn.Linear(2, 2)}))   # a pickled module
 
 
 def test_clip_projection_mismatch_and_missing_projection(tmp_path):
