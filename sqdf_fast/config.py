@@ -22,7 +22,10 @@ class TrainConfig:
     method: str = option("sqdf", "task", "fine-tuning method: sqdf, or a baseline (README, Methods)",
                          METHOD_CHOICES)
     model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)")
-    reward: str | None = option(None, "task", "module:function (images, cond) -> (B,) replacing the task's reward")
+    reward: str | None = option(None, "task", "reward replacing the task's own: task (the task's, default), digits, "
+                                "aesthetic, clip-score, or module:function (images, cond) -> (B,) (README, Rewards)")
+    reward_weights: str | None = option(None, "task", "folder of the reward's weights: aesthetic (CLIP + LAION head), "
+                                        "clip-score (a CLIP model), digits (README, Rewards)")
     out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)")
     seed: int = option(0, "task", "seed of every random stream (each data-parallel rank derives its own)")
     device: str = option("auto", "task", "auto (CUDA when present), cpu, cuda, cuda:N")
@@ -100,6 +103,7 @@ def alignprop_range(cfg: TrainConfig) -> tuple[int, int]:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the first impossible value."""
+    from sqdf_fast import rewards
     from sqdf_fast.tasks import BUILTIN
     checks = [
         (0 < cfg.gamma <= 1, "gamma", "must lie in (0, 1]"),
@@ -143,7 +147,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
          "must be auto, cpu, cuda or cuda:N"),
-        (cfg.reward is None or ":" in cfg.reward, "reward", "must be module:function"),
+        (rewards.is_known(cfg.reward), "reward",
+         f"unknown reward; built-in: {', '.join(rewards.BUILTIN_REWARDS)}, or module:function"),
     ]
     for ok, name, message in checks:
         if not ok:
@@ -154,6 +159,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be one of {', '.join(choices)}")
     if cfg.model is not None and not Path(cfg.model).exists():
         raise ValueError(f"model={cfg.model!r}: no such folder")
+    rewards.check_weights(cfg.reward, cfg.reward_weights)   # files and shapes, before any network is built
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

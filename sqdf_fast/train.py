@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import checkpoint, config, ops, tasks
+from sqdf_fast import checkpoint, config, ops, rewards, tasks
 from sqdf_fast.adapters import (
     adapter_state_dict,
     add_policy_lora,
@@ -176,12 +176,15 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         raise ValueError(f"out={str(out)!r} already holds a run: pass --resume {out} or choose another --out")
     saved = checkpoint.load(out, device) if resume is not None else None   # fails before anything is written
 
-    task = tasks.resolve(cfg.task)(cfg).to(device)
+    task = tasks.resolve(cfg.task)(cfg)
     missing = [name for name in ("features", "real_features", "eval_conditions") if getattr(task, name) is None]
     if missing:
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
-    if cfg.reward is not None:
-        task.reward = tasks.load_callable(cfg.reward, "reward")
+    task.reward = rewards.build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts,
+                                       task_reward=task.reward, device=device)
+    if isinstance(task.reward, torch.nn.Module) and all(task.reward is not m for m in task.frozen):
+        task.frozen.append(task.reward)   # moves with the task's other frozen networks
+    task = task.to(device)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     method = make_method(task, schedule, cfg)

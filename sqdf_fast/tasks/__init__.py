@@ -38,6 +38,7 @@ class Task:
     # (images, cond, per_class, path) -> writes a PNG of evaluation samples; None: an image grid, a row per condition
     plot_samples: Callable[[Tensor, Tensor, int, Path], None] | None = None
     frozen: list[nn.Module] = field(default_factory=list)   # every frozen network, for .to(device)
+    prompts: list[str] | None = None      # prompt strings indexed by cond, for text-conditioned tasks
 
     def to(self, device: torch.device) -> "Task":
         for module in [self.unet, *self.frozen]:

@@ -123,11 +123,20 @@ def boldness_labels(images: Tensor, labels: Tensor) -> Tensor:
     return (ink > medians[labels]).float()
 
 
-def reward_fn(classifier: BoldnessClassifier):
-    """r(images, cond) = log p(bold | images); images in [-1, 1] as the task decodes them (normalised once)."""
-    def reward(images: Tensor, cond: Tensor) -> Tensor:
-        return F.logsigmoid(classifier(images))
-    return reward
+class BoldnessReward(nn.Module):
+    """r(images, cond) = log p(bold | images); images in [-1, 1] as the task decodes them (normalised once).
+    A module, so that it moves to the device with the classifier it holds."""
+
+    def __init__(self, classifier: BoldnessClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: Tensor, cond: Tensor) -> Tensor:
+        return F.logsigmoid(self.classifier(images))
+
+
+def reward_fn(classifier: BoldnessClassifier) -> BoldnessReward:
+    return BoldnessReward(classifier)
 
 
 def make_task(cfg) -> Task:

@@ -1,0 +1,369 @@
+"""The reward zoo: differentiable rewards of images behind one interface, picked by name (`--reward NAME`).
+
+The interface. A reward is a callable `reward(images, cond) -> (B,)` float32, differentiable in `images`:
+- `images`: (B, 3, H, W) floats in **[0, 1]** (what a VAE-decoding task returns after its one `x / 2 + 0.5`). The
+  image rewards here do their own CLIP preprocessing (resize, crop, mean/std normalisation) exactly once, inside
+  the reward, through `clip_preprocess`. The authors' code maps [0, 1] images through `x / 2 + 0.5` a second time,
+  so their rewards see washed-out images in [0.5, 1] (sqdf-method.md §11.1); that is not replicated. A task's own
+  reward (e.g. digits, whose images are in [-1, 1]) takes images as that task's `decode` returns them.
+- `cond`: (B,) conditions as the task draws them; for text-conditioned tasks long indices into the task's
+  `prompts` list.
+
+Built-in rewards are frozen `nn.Module`s in eval mode (requires_grad False), so the trainer moves them to the
+device with the task's other frozen networks. Each has a `checkpoint` attribute: when True and a gradient is
+needed, its forward runs under `torch.utils.checkpoint` (the CLIP activations are recomputed in the backward pass
+instead of being kept); `score(images, cond)` is the plain forward, for callers that wrap it themselves.
+
+Names for `build_reward` (the trainer's `--reward`, with `--reward-weights PATH`):
+- unset or `task`: the task's own reward;
+- `digits`: the digits task's boldness reward log p(bold | x) (images (B, 1, 16, 16) in [-1, 1]), from
+  `reward_weights` (a digits weights folder holding reward.safetensors) or the shipped weights;
+- `aesthetic`: the LAION aesthetic predictor: CLIP ViT-L/14 image embeddings, L2-normalised, through the LAION
+  MLP head (sac+logos+ava1-l14-linearMSE.pth). `reward_weights` is a folder laid out as
+
+      WEIGHTS/
+        clip/                  a transformers CLIP folder (config.json + model.safetensors or pytorch_model.bin),
+                               e.g. a download of openai/clip-vit-large-patch14; a CLIPModel or a
+                               CLIPVisionModelWithProjection. Without clip/, WEIGHTS itself is the CLIP folder.
+        aesthetic_head.safetensors | aesthetic_head.pth | sac+logos+ava1-l14-linearMSE.pth
+                               the head, first of these names present; keys layers.{0,2,4,6,7}.{weight,bias}
+
+- `clip-score`: 100 x the cosine similarity between the CLIP image embedding and the CLIP text embedding of the
+  sample's prompt (torchmetrics' CLIPScore scale, without its clamp at 0, which would zero the gradient).
+  `reward_weights` is a CLIP folder (a CLIPModel with its tokenizer files) or a folder holding one as clip/. The
+  text embedding of each distinct prompt is computed once when the reward is built; the text model is then
+  dropped.
+- `module:function`: your own callable `(images, cond) -> (B,)`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as checkpoint_call
+
+Reward = Callable[[Tensor, Tensor], Tensor]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BUILTIN_REWARDS = ("task", "digits", "aesthetic", "clip-score")
+NEEDS_WEIGHTS = ("aesthetic", "clip-score")
+CLIP_SUBFOLDER = "clip"
+HEAD_FILES = ("aesthetic_head.safetensors", "aesthetic_head.pth", "sac+logos+ava1-l14-linearMSE.pth")
+# The LAION head: Linear(in, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16),
+# Linear(16, 1); no nonlinearities. Indices of the Linear layers in that nn.Sequential, with their output sizes.
+HEAD_LINEARS = {0: 1024, 2: 128, 4: 64, 6: 16, 7: 1}
+TEXT_BATCH = 64   # prompts encoded per text-model call at build time
+# A [0, 1] image never goes this far below 0; a [-1, 1] image with any dark pixel does.
+RANGE_FLOOR = -0.5
+
+
+def clip_preprocess(images: Tensor, size: int = 224) -> Tensor:
+    """CLIP's input from images in [0, 1]: bilinear resize (antialiased) of the shorter side to `size`, center crop
+    to size x size, then (x - mean) / std with CLIP's mean and std. Differentiable; an image already size x size
+    is only normalised. Reads no tensor value (no host sync): the [0, 1] range is the caller's contract."""
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images: expected float (B, 3, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}")
+    height, width = images.shape[-2:]
+    if (height, width) != (size, size):
+        short, long = min(height, width), max(height, width)
+        scaled = (size, int(size * long / short))    # torchvision's and CLIPImageProcessor's rounding
+        new_hw = scaled if height <= width else scaled[::-1]
+        if (height, width) != new_hw:
+            images = F.interpolate(images, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
+        top, left = round((new_hw[0] - size) / 2), round((new_hw[1] - size) / 2)
+        images = images[..., top:top + size, left:left + size]
+    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class FrozenReward(nn.Module):
+    """A reward network: frozen, always in eval mode, optionally checkpointed. Subclasses implement `score`."""
+
+    def __init__(self, checkpoint: bool = False):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.range_checked = False
+
+    def freeze(self) -> "FrozenReward":
+        return self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "FrozenReward":
+        return super().train(False)   # a reward never trains (no dropout, frozen statistics)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_range(self, images: Tensor) -> None:
+        """Once per reward (one host sync): stop on images that are clearly in [-1, 1] rather than [0, 1]."""
+        if self.range_checked:
+            return
+        low = float(images.detach().min())
+        if low < RANGE_FLOOR:
+            raise ValueError(f"images: values down to {low:.3g}; rewards take images in [0, 1] (map [-1, 1] "
+                             "images once with x / 2 + 0.5)")
+        self.range_checked = True
+
+    def score(self, images: Tensor, cond: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, cond: Tensor) -> Tensor:
+        self.check_range(images)
+        if self.checkpoint and torch.is_grad_enabled() and images.requires_grad:
+            return checkpoint_call(self.score, images, cond, use_reentrant=False)
+        return self.score(images, cond)
+
+
+class AestheticHead(nn.Module):
+    """The LAION aesthetic MLP, in the published layout (state-dict keys layers.{0,2,4,6,7})."""
+
+    def __init__(self, in_features: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        return self.layers(embeds).squeeze(-1)
+
+
+def normalized(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """float32 out of a bf16/fp16 reward network; float64 stays float64 (gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class AestheticReward(FrozenReward):
+    """LAION aesthetic score: head(normalise(CLIP image embedding of clip_preprocess(images)))."""
+
+    def __init__(self, vision: nn.Module, head: AestheticHead, checkpoint: bool = False):
+        super().__init__(checkpoint)
+        self.vision, self.head = vision, head
+        self.size = vision.config.image_size
+        self.freeze()
+
+    def score(self, images: Tensor, cond: Tensor) -> Tensor:
+        embeds = self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds
+        return at_least_float32(self.head(normalized(embeds)))
+
+
+class ClipScoreReward(FrozenReward):
+    """scale x cos(CLIP image embedding, CLIP text embedding of prompt cond); text embeddings precomputed."""
+
+    def __init__(self, vision: nn.Module, text_embeds: Tensor, scale: float = 100.0, checkpoint: bool = False):
+        super().__init__(checkpoint)
+        self.vision, self.scale = vision, scale
+        self.size = vision.config.image_size
+        self.register_buffer("text_embeds", normalized(text_embeds.to(self.dtype)), persistent=False)
+        self.freeze()
+
+    def score(self, images: Tensor, cond: Tensor) -> Tensor:
+        if cond.is_floating_point() or cond.dim() != 1:
+            raise ValueError(f"cond: clip-score needs (B,) integer prompt indices, got {tuple(cond.shape)} "
+                             f"{cond.dtype}")
+        embeds = normalized(self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds)
+        return at_least_float32(self.scale * (embeds * self.text_embeds[cond]).sum(-1))
+
+
+# --- weights: folder layout, checks (cheap, for config.validate) and loading ---
+
+def clip_folder(weights: str | Path, what: str = "reward_weights") -> Path:
+    """The CLIP folder inside `weights`: its clip/ subfolder, or `weights` itself when that holds config.json."""
+    root = Path(weights)
+    if not root.is_dir():
+        raise ValueError(f"{what}={str(weights)!r}: no such folder")
+    for folder in (root / CLIP_SUBFOLDER, root):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ValueError(f"{what}={str(weights)!r}: no CLIP model there (expected {CLIP_SUBFOLDER}/config.json or "
+                     "config.json, a transformers CLIP folder)")
+
+
+def clip_configs(folder: Path):
+    """(vision config, text config or None) of a CLIP folder, each with the projection size its stored weights
+    have: in a CLIPModel folder that is the top-level projection_dim, which transformers does not copy into the
+    sub-configs."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type == "clip":
+        config = CLIPConfig.from_pretrained(folder)
+        config.vision_config.projection_dim = config.text_config.projection_dim = config.projection_dim
+        return config.vision_config, config.text_config
+    if model_type == "clip_vision_model":
+        return CLIPVisionConfig.from_pretrained(folder), None
+    raise ValueError(f"reward_weights: {folder / 'config.json'} is a {model_type!r} config, not a CLIP model "
+                     "(model_type clip or clip_vision_model)")
+
+
+def head_file(weights: str | Path) -> Path:
+    root = Path(weights)
+    for name in HEAD_FILES:
+        if (root / name).is_file():
+            return root / name
+    raise ValueError(f"reward_weights={str(weights)!r}: no aesthetic head file there (one of {', '.join(HEAD_FILES)})")
+
+
+def load_head_state(path: Path) -> dict[str, Tensor]:
+    """The head's state dict from a .safetensors file or a .pth state dict (loaded with weights_only=True)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:   # e.g. a whole pickled model, not weights
+        raise ValueError(f"reward_weights: cannot read {path} as a state dict (torch.load, weights_only=True): "
+                         f"{err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"reward_weights: {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def check_head_state(state: dict[str, Tensor], path: Path) -> int:
+    """The head's input size; ValueError naming the key when `state` is not the LAION layout."""
+    expected = {}
+    in_features = state["layers.0.weight"].shape[-1] if "layers.0.weight" in state else 768
+    size = in_features
+    for index, out in HEAD_LINEARS.items():
+        expected[f"layers.{index}.weight"], expected[f"layers.{index}.bias"] = (out, size), (out,)
+        size = out
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"reward_weights: aesthetic head {path}: missing key(s) {missing}, unexpected key(s) "
+                         f"{unexpected}; expected the LAION layout layers.{{0,2,4,6,7}}.{{weight,bias}}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"reward_weights: aesthetic head {path}: {key} has shape {tuple(state[key].shape)}, "
+                             f"expected {shape}")
+    return in_features
+
+
+def check_projection(projection_dim: int, in_features: int, folder: Path, path: Path) -> None:
+    if projection_dim != in_features:
+        raise ValueError(f"reward_weights: the CLIP model in {folder} makes {projection_dim}-d image embeddings but "
+                         f"the aesthetic head {path} takes {in_features}-d input (layers.0.weight)")
+
+
+def check_weights(spec: str | None, weights: str | Path | None) -> None:
+    """Everything about `reward_weights` that can fail, checked without loading a network: for config.validate."""
+    if spec in NEEDS_WEIGHTS and weights is None:
+        raise ValueError(f"reward_weights=None: reward {spec!r} needs a weights folder (README, Rewards)")
+    if weights is None:
+        return
+    weights = str(weights)
+    if not Path(weights).exists():
+        raise ValueError(f"reward_weights={weights!r}: no such folder")
+    if spec == "aesthetic":
+        folder, path = clip_folder(weights), head_file(weights)
+        check_projection(clip_configs(folder)[0].projection_dim, check_head_state(load_head_state(path), path),
+                         folder, path)
+    elif spec == "clip-score":
+        folder = clip_folder(weights)
+        if clip_configs(folder)[1] is None:
+            raise ValueError(f"reward_weights={weights!r}: clip-score needs a full CLIPModel (text and vision), "
+                             f"{folder} holds a vision model only")
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            raise ValueError(f"reward_weights={weights!r}: no CLIP tokenizer in {folder} (tokenizer.json or "
+                             "vocab.json + merges.txt)")
+    elif spec == "digits" and not (Path(weights) / "reward.safetensors").is_file():
+        raise ValueError(f"reward_weights={weights!r}: no reward.safetensors there (a digits weights folder)")
+
+
+def load_pretrained(cls, folder: Path, config) -> nn.Module:
+    """A transformers model from a local folder; ValueError when weights it needs are missing or mis-shaped
+    (transformers would otherwise initialise them randomly)."""
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()   # a CLIPModel folder loaded as one tower lists the other's keys as unexpected
+    try:
+        model, info = cls.from_pretrained(folder, config=config, output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise ValueError(f"reward_weights: {folder} lacks weights {cls.__name__} needs: {', '.join(bad[:5])}")
+    return model.requires_grad_(False).eval()
+
+
+def load_vision(folder: Path) -> nn.Module:
+    from transformers import CLIPVisionModelWithProjection
+    return load_pretrained(CLIPVisionModelWithProjection, folder, clip_configs(folder)[0])
+
+
+def load_aesthetic(weights: str | Path, checkpoint: bool = False) -> AestheticReward:
+    check_weights("aesthetic", weights)
+    folder, path = clip_folder(weights), head_file(weights)
+    state = load_head_state(path)
+    head = AestheticHead(check_head_state(state, path))
+    head.load_state_dict({k: v.float() for k, v in state.items()})
+    return AestheticReward(load_vision(folder), head, checkpoint)
+
+
+@torch.no_grad()
+def text_embeddings(folder: Path, prompts: list[str], device: torch.device | str = "cpu") -> Tensor:
+    """(len(prompts), D) CLIP text embeddings on the CPU, each distinct prompt encoded once (on `device`)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    text = load_pretrained(CLIPTextModelWithProjection, folder, clip_configs(folder)[1]).to(device)
+    distinct = list(dict.fromkeys(prompts))
+    embeds = []
+    for start in range(0, len(distinct), TEXT_BATCH):
+        tokens = tokenizer(distinct[start:start + TEXT_BATCH], padding="max_length", truncation=True,
+                           max_length=text.config.max_position_embeddings, return_tensors="pt")
+        tokens = tokens.to(device)
+        embeds.append(text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.cpu())
+    row = {prompt: i for i, prompt in enumerate(distinct)}
+    return torch.cat(embeds)[torch.tensor([row[p] for p in prompts])]
+
+
+def load_clip_score(weights: str | Path, prompts: list[str] | None, checkpoint: bool = False,
+                    scale: float = 100.0, device: torch.device | str = "cpu") -> ClipScoreReward:
+    if not prompts:
+        raise ValueError("reward='clip-score' needs the task's prompts (Task.prompts): this task has none")
+    check_weights("clip-score", weights)
+    folder = clip_folder(weights)
+    vision = load_vision(folder)
+    return ClipScoreReward(vision, text_embeddings(folder, prompts, device), scale, checkpoint)
+
+
+def load_digits(weights: str | Path | None) -> nn.Module:
+    from sqdf_fast.tasks import digits
+    check_weights("digits", weights)
+    folder = Path(weights) if weights is not None else digits.WEIGHTS_DIR
+    return digits.reward_fn(digits.load_weights(digits.BoldnessClassifier(), folder / "reward.safetensors"))
+
+
+def is_known(spec: str | None) -> bool:
+    return spec is None or spec in BUILTIN_REWARDS or ":" in spec
+
+
+def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[str] | None = None,
+                 task_reward: Reward | None = None, checkpoint: bool = False,
+                 device: torch.device | str = "cpu") -> Reward:
+    """The reward named by `spec`: None or "task" (the task's own, `task_reward`), "digits", "aesthetic",
+    "clip-score" (needs `prompts`), or "module:function". `weights`: the reward_weights folder (module docstring);
+    `checkpoint`: gradient checkpointing of the built-in networks; `device`: where clip-score encodes its prompts
+    (the reward itself is returned on the CPU, to be moved with the task's frozen networks)."""
+    from sqdf_fast.tasks import load_callable
+    if spec is None or spec == "task":
+        if task_reward is None:
+            raise ValueError("reward: the task has no reward of its own; name one (README, Rewards)")
+        return task_reward
+    if spec == "digits":
+        return load_digits(weights)
+    if spec == "aesthetic":
+        return load_aesthetic(weights, checkpoint)
+    if spec == "clip-score":
+        return load_clip_score(weights, prompts, checkpoint, device=device)
+    if ":" in spec:
+        return load_callable(spec, "reward")
+    raise ValueError(f"reward={spec!r}: unknown reward; built-in: {', '.join(BUILTIN_REWARDS)}, or module:function")
