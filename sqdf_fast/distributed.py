@@ -92,8 +92,10 @@ class Context:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def split(self, total: int) -> int:
-        """This rank's part of a global count that config.validate checked is divisible by the world size."""
+    def split(self, total: int, name: str) -> int:
+        """This rank's part of the global count `name` (config.validate checks this first, naming the field)."""
+        if total % self.world:
+            raise ValueError(f"{name}={total}: must be divisible by the {self.world} processes (WORLD_SIZE)")
         return total // self.world
 
     def shard(self, total: int) -> slice:
@@ -142,20 +144,24 @@ class Context:
 
     # collectives on Python objects (host, gloo) ------------------------------------------------------------------
     def on_main(self, fn: Callable[[], Any]) -> Any:
-        """fn() on rank 0 only (file-system checks and reads); a ValueError it raises is raised on every rank, so no
-        rank waits in a collective the others never reach. Returns fn's result on rank 0, None elsewhere."""
-        result, error = None, None
+        """fn() on rank 0 only (file-system checks and reads). If it raises, every rank raises (the others a
+        ValueError or RuntimeError with its message), so no rank waits in a collective the others never reach.
+        Returns fn's result on rank 0, None elsewhere."""
+        result, failure, error = None, None, None
         if self.is_main:
             try:
                 result = fn()
-            except ValueError as err:
-                error = str(err)
+            except Exception as err:  # noqa: BLE001 -- re-raised below, after the other ranks have been told
+                failure, error = err, (isinstance(err, ValueError), str(err))
         if self.distributed:
             box = [error]
             dist.broadcast_object_list(box, src=0, group=self.cpu_group)
             error = box[0]
+        if failure is not None:
+            raise failure
         if error is not None:
-            raise ValueError(error)
+            is_value_error, message = error
+            raise ValueError(message) if is_value_error else RuntimeError(f"rank 0 failed: {message}")
         return result
 
     def broadcast(self, obj: Any) -> Any:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
@@ -229,11 +230,11 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
     chains = method.trains_on == "chains"   # a baseline: its own on-policy chains, no collect/buffer/draw
     optimizer = make_optimizer(params, cfg, device)
     generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
-    micro_size = ctx.split(cfg.batch_size) // cfg.grad_accum   # batch_size is global: this rank's micro-batch
+    micro_size = ctx.split(cfg.batch_size, "batch_size") // cfg.grad_accum   # batch_size is global
     buffer = None
     if cfg.buffer and not chains:
         cond_example = task.sample_conditions(1, torch.Generator(device).manual_seed(0))
-        buffer = ReplayBuffer(ctx.split(cfg.buffer_size), cfg.sample_steps, task.sample_shape,
+        buffer = ReplayBuffer(ctx.split(cfg.buffer_size, "buffer_size"), cfg.sample_steps, task.sample_shape,
                               tuple(cond_example.shape[1:]), cond_example.dtype, device,
                               getattr(torch, cfg.buffer_dtype))
     guard = Guard(device, cfg.max_nonfinite_steps, verbose=main)
@@ -290,18 +291,21 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
 
     if main:
         buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
-        ranks_note = f" | {ctx.world} processes, per process" if ctx.distributed else ""
+        ranks_note = f" | {ctx.world} processes ({dist.get_backend()})" if ctx.distributed else ""
+        per_process = " per process" if ctx.distributed else ""
         print(f"task {task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {device} | "
-              f"kernels {kernels} ({why}) | "
-              f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma}{ranks_note} | "
-              f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB | run dir {out}")
+              f"kernels {kernels} ({why}){ranks_note} | "
+              f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma} | "
+              f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB{per_process} | "
+              f"run dir {out}")
         print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")
 
     bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, disable=not (cfg.progress and main),
                dynamic_ncols=True, desc="sqdf")
     for step in bar:
         if not chains and (buffer is None or step % cfg.replay_ratio == 0):
-            n_new = ctx.split(cfg.rollout_batch if buffer is not None else cfg.batch_size // cfg.steps_per_trajectory)
+            n_new = (ctx.split(cfg.rollout_batch, "rollout_batch") if buffer is not None
+                     else micro_size * cfg.grad_accum // cfg.steps_per_trajectory)
             fresh = collect(method, n_new, cfg, generator)
             if buffer is not None:
                 buffer.add(fresh["states"], fresh["cond"], fresh["reward"], step)
@@ -322,11 +326,11 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         if chains:
             fresh = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         finite = ctx.average_gradients(params, finite)   # identity for one process
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        # the norm of the (averaged) gradient before clipping, logged; an infinite bound multiplies by exactly 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         guarded_step(optimizer, finite)
         guard.update(finite)
-        window.append({"loss": loss.detach(), "reward": fresh["reward"].mean(), **stats})
+        window.append({"loss": loss.detach(), "reward": fresh["reward"].mean(), "grad_norm": grad_norm, **stats})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
