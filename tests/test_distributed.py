@@ -64,8 +64,8 @@ NO_WRITES_HOOK = textwrap.dedent('''
 ''')
 
 
-def torchrun(work: Path, args: list[str]) -> str:
-    """`torchrun --standalone --nproc_per_node 2 -m sqdf_fast.train ARGS` in `work`; its stdout."""
+def torchrun(work: Path, args: list[str], target: tuple[str, ...] = ("-m", "sqdf_fast.train")) -> str:
+    """`torchrun --standalone --nproc_per_node 2 -m sqdf_fast.train ARGS` (or another target) in `work`; stdout."""
     hook = work.parent / f"{work.name}-hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(NO_WRITES_HOOK)
@@ -75,7 +75,7 @@ def torchrun(work: Path, args: list[str]) -> str:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(WORLD), "-m", "sqdf_fast.train", *args], cwd=work, env=env, capture_output=True,
+                             str(WORLD), *target, *args], cwd=work, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
@@ -83,6 +83,46 @@ def torchrun(work: Path, args: list[str]) -> str:
 
 def read_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+COLLECTIVES = textwrap.dedent('''
+    import torch
+    from sqdf_fast.distributed import launch
+
+    with launch("cpu") as ctx:
+        assert ctx.distributed and ctx.world == 2
+        p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+        p.grad, q.grad = torch.full((3,), ctx.rank + 1.0), torch.full((2, 2), 10.0 * ctx.rank)
+        # one rank's loss was not finite: both ranks skip, and the gradients are the means
+        agreed = ctx.average_gradients([p, q], torch.tensor(ctx.rank == 0))
+        assert not bool(agreed) and torch.equal(p.grad, torch.full((3,), 1.5)) and torch.equal(q.grad, q.grad * 0 + 5)
+        assert bool(ctx.average_gradients([p, q], torch.tensor(True)))
+        # rows of different lengths, in rank order
+        gathered = ctx.gather_rows(torch.arange(ctx.rank + 1) + 10 * ctx.rank)
+        assert gathered.tolist() == [0, 10, 11], gathered
+        assert ctx.mean(torch.tensor([float(ctx.rank)])).tolist() == [0.5]
+        # rank 0's failure reaches every rank instead of leaving them waiting
+        try:
+            ctx.on_main(lambda: int("not a number"))
+        except ValueError as err:
+            assert "not a number" in str(err), err
+        else:
+            raise AssertionError("no error")
+        own = ctx.scatter([{"rank": r, "t": torch.full((2,), float(r))} for r in range(2)] if ctx.is_main else None)
+        assert own["rank"] == ctx.rank and own["t"].tolist() == [ctx.rank] * 2
+        gathered = ctx.gather({"rank": ctx.rank})
+        assert gathered == ([{"rank": 0}, {"rank": 1}] if ctx.is_main else None)
+        assert ctx.broadcast("from rank 0" if ctx.is_main else None) == "from rank 0"
+        print(f"collectives ok on rank {ctx.rank}")
+''')
+
+
+def test_collectives_on_two_processes(tmp_path):
+    """The pieces the trainer's data parallelism rests on, on two real gloo processes started as torchrun does."""
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    stdout = torchrun(tmp_path / "work", [], target=(str(script),))
+    assert stdout.count("collectives ok") == 2
 
 
 @pytest.fixture(scope="module")
