@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 
 from sqdf_fast import config
+from sqdf_fast.distributed import resolve_device
 from sqdf_fast.info import device_name
-from sqdf_fast.train import resolve_device, run
+from sqdf_fast.train import run
 
 # A label -> (method, option overrides). Plain method names need no entry.
 VARIANTS = {

@@ -60,7 +60,8 @@ class TrainConfig:
     alignprop_max_k: int = option(0, "method", "alignprop: most transitions that carry gradient (0: all T)")
     # replay buffer
     buffer: bool = option(True, "buffer", "keep trajectories in an in-memory replay buffer (off: fully on-policy)")
-    buffer_size: int = option(512, "buffer", "capacity in trajectories (ring: oldest overwritten)")
+    buffer_size: int = option(512, "buffer", "capacity in trajectories (ring: oldest overwritten); with N "
+                              "processes each keeps a shard of buffer_size / N")
     buffer_sampler: str = option("uniform", "buffer", "uniform (without replacement), newest, or reward-gamma "
                                  "(prioritised, P(i,j) ~ (r_i - min r) * gamma^(T-1-j))",
                                  ("uniform", "newest", "reward-gamma"))
@@ -68,12 +69,15 @@ class TrainConfig:
                                              "its bias")
     buffer_dtype: str = option("float32", "buffer", "storage dtype of buffered latents",
                                ("float32", "bfloat16", "float16"))
-    rollout_batch: int = option(32, "buffer", "new trajectories per rollout")
+    rollout_batch: int = option(32, "buffer", "new trajectories per rollout (all processes together: each "
+                                "collects rollout_batch / N)")
     replay_ratio: int = option(2, "buffer", "optimizer steps per rollout")
     # optimisation
     steps: int = option(80, "optim", "optimizer steps")
-    batch_size: int = option(32, "optim", "trained samples (trajectory, step) per optimizer step")
-    grad_accum: int = option(1, "optim", "micro-batches per optimizer step (micro-batch = batch_size / grad_accum)")
+    batch_size: int = option(32, "optim", "trained samples (trajectory, step) per optimizer step, over all "
+                             "processes (each of N trains batch_size / N)")
+    grad_accum: int = option(1, "optim", "micro-batches per optimizer step and process (micro-batch = "
+                            "batch_size / N / grad_accum with N processes)")
     lr: float = option(1e-3, "optim", "AdamW learning rate of the adapter")
     weight_decay: float = option(0.0, "optim", "AdamW weight decay")
     grad_clip: float = option(1.0, "optim", "gradient-norm clip (0: off)")
@@ -104,7 +108,10 @@ def alignprop_range(cfg: TrainConfig) -> tuple[int, int]:
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the first impossible value."""
     from sqdf_fast import rewards
+    from sqdf_fast.distributed import world_size
     from sqdf_fast.tasks import BUILTIN
+    world = world_size()
+    per_process = cfg.batch_size // world
     checks = [
         (0 < cfg.gamma <= 1, "gamma", "must lie in (0, 1]"),
         (cfg.alpha >= 0, "alpha", "must be >= 0"),
@@ -117,9 +124,12 @@ def validate(cfg: TrainConfig) -> None:
                                                           "or module:function"),
         (cfg.steps >= 1, "steps", "must be >= 1"),
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
-        (cfg.grad_accum >= 1 and cfg.batch_size % cfg.grad_accum == 0, "grad_accum",
-         "must be >= 1 and divide batch_size"),
-        (cfg.steps_per_trajectory >= 1 and (cfg.batch_size // cfg.grad_accum) % cfg.steps_per_trajectory == 0,
+        # batch_size, rollout_batch and buffer_size are global: each of the WORLD_SIZE processes takes its share
+        (cfg.batch_size % world == 0, "batch_size", f"must be divisible by the {world} processes (WORLD_SIZE): it is "
+                                                    f"the global batch, each process trains batch_size / {world}"),
+        (cfg.grad_accum >= 1 and per_process % cfg.grad_accum == 0, "grad_accum",
+         "must be >= 1 and divide batch_size" + ("" if world == 1 else f" / WORLD_SIZE = {per_process}")),
+        (cfg.steps_per_trajectory >= 1 and (per_process // max(cfg.grad_accum, 1)) % cfg.steps_per_trajectory == 0,
          "steps_per_trajectory", "must be >= 1 and divide the micro-batch size"),
         (1 <= cfg.draft_k <= cfg.sample_steps, "draft_k", f"must be in [1, sample_steps={cfg.sample_steps}]"),
         (cfg.lv_samples >= 1, "lv_samples", "must be >= 1"),
@@ -136,10 +146,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.weight_decay >= 0, "weight_decay", "must be >= 0"),
         (cfg.grad_clip >= 0, "grad_clip", "must be >= 0"),
         (cfg.lora_rank >= 1, "lora_rank", "must be >= 1"),
-        (cfg.rollout_batch >= 1, "rollout_batch", "must be >= 1"),
+        (cfg.rollout_batch >= 1 and cfg.rollout_batch % world == 0, "rollout_batch",
+         "must be >= 1" + ("" if world == 1 else f" and divisible by the {world} processes (WORLD_SIZE)")),
         (cfg.replay_ratio >= 1, "replay_ratio", "must be >= 1"),
         (not cfg.buffer or cfg.buffer_size >= max(cfg.batch_size, cfg.rollout_batch), "buffer_size",
          f"must hold at least one batch (batch_size {cfg.batch_size}, rollout_batch {cfg.rollout_batch})"),
+        (not cfg.buffer or cfg.buffer_size % world == 0, "buffer_size",
+         f"must be divisible by the {world} processes (WORLD_SIZE): each keeps a shard of buffer_size / {world}"),
         (cfg.log_every >= 1, "log_every", "must be >= 1"),
         (cfg.eval_every >= 0, "eval_every", "must be >= 0"),
         (cfg.eval_per_class >= 2, "eval_per_class", "must be >= 2 (diversity needs pairs)"),
@@ -147,6 +160,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device",
          "must be auto, cpu, cuda or cuda:N"),
+        (world == 1 or not cfg.device.startswith("cuda:"), "device",
+         f"with {world} processes (WORLD_SIZE) each takes cuda:LOCAL_RANK: pass cuda or auto"),
         (rewards.is_known(cfg.reward), "reward",
          f"unknown reward; built-in: {', '.join(rewards.BUILTIN_REWARDS)}, or module:function"),
     ]

@@ -37,14 +37,16 @@ def guided_eps(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, null_cond
 
 @torch.no_grad()
 def rollout(denoiser: GuidedDenoiser, schedule: DDIMSchedule, x_T: Tensor, cond: Tensor, eta: float,
-            generator: torch.Generator | None, reference_denoiser: GuidedDenoiser | None = None, first_step: int = 0
-            ) -> tuple[Tensor, Tensor, Tensor | None]:
+            generator: torch.Generator | None, reference_denoiser: GuidedDenoiser | None = None, first_step: int = 0,
+            batch_rows: tuple[slice, int] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sample DDIM transitions first_step..T-1 from x_T (the state at t_{first_step}) with guided denoisers.
 
     Returns (states (B, T - first_step, ...): the input x^(j) of every transition, the final sample x^(T),
     path_kl (B,) or None).
     path_kl is the true Gaussian KL of the whole chain to the reference chain along these states, in nats:
     sum_j sum_d (mu - mu_ref)^2 / (2 sigma_j^2).
+    batch_rows = (rows, total): x_T and cond are rows `rows` of a batch of `total` whose noise is drawn whole each
+    step and sliced, so a data-parallel shard gets exactly the noise one process sampling the batch gives its rows.
     """
     batch = x_T.shape[0]
     states = torch.empty((batch, schedule.num_steps - first_step) + tuple(x_T.shape[1:]), dtype=x_T.dtype,
@@ -56,7 +58,11 @@ def rollout(denoiser: GuidedDenoiser, schedule: DDIMSchedule, x_T: Tensor, cond:
         t = schedule.timesteps[j].expand(batch)
         eps = denoiser(x, t, cond)
         ref = reference_denoiser(x, t, cond) if reference_denoiser is not None else GuidedEps(None, None, 1.0)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if batch_rows is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            rows, total = batch_rows
+            noise = torch.randn((total, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)[rows]
         x, kl = ops.rollout_step(x, eps.cond, eps.uncond, eps.guidance, schedule.alpha_t[j], schedule.alpha_prev[j],
                                  eta, noise, ref.cond, ref.uncond)
         if path_kl is not None:
