@@ -69,8 +69,12 @@ def guarded_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate(method: SQDF, cfg: config.TrainConfig, device: torch.device, with_kl: bool) -> tuple[dict, Tensor]:
-    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; and the samples."""
+def evaluate(method: SQDF, cfg: config.TrainConfig, device: torch.device, with_kl: bool,
+             base_features: dict[int, Tensor] | None = None) -> tuple[dict, Tensor, dict[int, Tensor]]:
+    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; the samples; their features by
+    condition. fd is against the task's real data, or, for a task without any (real_features None), against
+    `base_features`, the base model's own evaluation features (None: these samples' own, so the base's fd is 0):
+    then fd measures the drift from the base model."""
     task = method.task
     cond = task.eval_conditions(cfg.eval_per_class).to(device)
     generator = torch.Generator(device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
@@ -79,13 +83,18 @@ def evaluate(method: SQDF, cfg: config.TrainConfig, device: torch.device, with_k
                              method.reference_eps if with_kl else None)
     images = task.decode(x0)
     features = task.features(images)
+    by_class = {int(c): features[cond == c] for c in torch.unique(cond).tolist()}
+    if task.real_features is not None:
+        reference = task.real_features(cond)
+    else:
+        reference = base_features if base_features is not None else by_class
     metrics = {"reward": float(task.reward(images, cond).mean()),
                "diversity": per_class_diversity(features, cond),
-               "fd": per_class_fd(features, cond, task.real_features(cond)),
+               "fd": per_class_fd(features, cond, reference),
                "kl": float(path_kl.mean()) if with_kl else 0.0}
     if task.target_metrics is not None:
         metrics.update(task.target_metrics(images, cond))
-    return metrics, images
+    return metrics, images, by_class
 
 
 def collect(method: SQDF, n: int, cfg: config.TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
@@ -177,7 +186,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     saved = checkpoint.load(out, device) if resume is not None else None   # fails before anything is written
 
     task = tasks.resolve(cfg.task)(cfg).to(device)
-    missing = [name for name in ("features", "real_features", "eval_conditions") if getattr(task, name) is None]
+    missing = [name for name in ("features", "eval_conditions") if getattr(task, name) is None]
     if missing:
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
     if cfg.reward is not None:
@@ -206,6 +215,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
         guard.streak.fill_(state["guard"]["streak"])
         guard.reported = state["guard"]["total"]
         first_step, base, wall_before = state["step"], state["base_metrics"], state["wall_s"]
+        base_features = state.get("base_features")   # absent in checkpoints of tasks with real data
         fresh = state["fresh"]     # the last rollout's reward, conditions and images, for logging before the next one
         window = state["window"]   # per-step metrics not yet logged
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -214,7 +224,9 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        base, base_images = evaluate(method, cfg, device, with_kl=False)
+        base, base_images, base_features = evaluate(method, cfg, device, with_kl=False)
+        if task.real_features is not None:
+            base_features = None   # fd is against real data; only a task without it measures drift from the base
         save_samples(task, base_images, cfg, out / "samples_base.png")
         first_step, wall_before, fresh, window = 0, 0.0, None, []
         rows = [eval_row(0, base)]
@@ -231,6 +243,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
                  "buffer": buffer.state_dict() if buffer is not None else {}, "base_metrics": base,
                  "guard": {"total": int(guard.total), "streak": int(guard.streak)},
                  "fresh": {k: fresh[k] for k in ("reward", "cond", "images")}, "window": window,
+                 "base_features": base_features,
                  "wall_s": wall_before + time.time() - start}
         checkpoint.save(out, adapter_state_dict(task.unet), state)
 
@@ -284,14 +297,14 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
             tqdm.write(f"step {done:4d}/{cfg.steps} | reward {fmt(row['reward'])} | kl {fmt(row['kl_term'])} | "
                        f"diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            metrics, _ = evaluate(method, cfg, device, with_kl=True)
+            metrics, _, _ = evaluate(method, cfg, device, with_kl=True, base_features=base_features)
             write_row(eval_row(done, metrics))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             guard.check(done)
             save_checkpoint(done)
     bar.close()
 
-    final, final_images = evaluate(method, cfg, device, with_kl=True)
+    final, final_images, _ = evaluate(method, cfg, device, with_kl=True, base_features=base_features)
     write_row(eval_row(cfg.steps, final))
     metrics_file.close()
     save_samples(task, final_images, cfg, out / "samples_final.png")
