@@ -442,13 +442,17 @@ def unet_eps(unet: nn.Module, prompts: PromptTable, x: Tensor, t: Tensor, cond: 
     return unet(x.to(context.dtype), t, encoder_hidden_states=context, **kwargs).sample.to(x.dtype)
 
 
-def checkpointed(fn: Callable, enabled: bool) -> Callable:
-    """fn, gradient-checkpointed (recomputed in the backward pass) when enabled and gradients are being recorded."""
-    def run(*args):
-        if enabled and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-    return run
+class Checkpointed:
+    """`fn`, gradient-checkpointed (its activations recomputed in the backward pass instead of kept) while `enabled`
+    and gradients are being recorded; `enabled` may be switched after the task is built (bench/checkpoint_memory)."""
+
+    def __init__(self, fn: Callable, enabled: bool):
+        self.fn, self.enabled = fn, enabled
+
+    def __call__(self, *args):
+        if self.enabled and torch.is_grad_enabled():
+            return checkpoint(self.fn, *args, use_reentrant=False)
+        return self.fn(*args)
 
 
 def make_decoder(vae: AutoencoderKL) -> Callable[[Tensor], Tensor]:
@@ -574,8 +578,8 @@ def build_task(name: str, cfg, pipeline: Pipeline, reward_model: nn.Module | Non
         sample_shape=(unet.config.in_channels, latent, latent),
         sample_conditions=sample_conditions,
         null_condition=lambda cond: torch.full_like(cond, table.null_index),
-        reward=checkpointed(reward_fn, cfg.checkpoint_reward),
-        decode=checkpointed(make_decoder(vae), cfg.checkpoint_decoder),
+        reward=Checkpointed(reward_fn, cfg.checkpoint_reward),
+        decode=Checkpointed(make_decoder(vae), cfg.checkpoint_decoder),
         lora_targets=LORA_TARGETS, consistency=consistency, features=features, real_features=None,
         eval_conditions=lambda per_class: eval_rows.repeat_interleave(per_class),
         plot_samples=plot_samples, frozen=frozen,
