@@ -207,6 +207,10 @@ def load_pipeline(path: str | Path, dtype: torch.dtype) -> Pipeline:
     except json.JSONDecodeError as err:
         raise ValueError(f"model={str(path)!r}: scheduler/scheduler_config.json is not JSON: {err}") from err
     scheduler_config = ddim_config(raw, f"model={str(path)!r}: scheduler/scheduler_config.json")
+    if unet.config.addition_embed_type is not None:
+        raise ValueError(f"model={str(path)!r}: unet/ has addition_embed_type="
+                         f"{unet.config.addition_embed_type!r} (an SDXL-style UNet needs pooled text and size "
+                         "conditioning); only SD 1.x / 2.x pipelines are supported")
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise ValueError(f"model={str(path)!r}: unet/ cross_attention_dim {unet.config.cross_attention_dim} does not "
                          f"match text_encoder/ hidden_size {text_encoder.config.hidden_size}")
@@ -215,8 +219,9 @@ def load_pipeline(path: str | Path, dtype: torch.dtype) -> Pipeline:
 
 
 def fill_random(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Seeded random weights, fast: normal(0, 1/fan_in) matrices and kernels, unit norm scales, zero biases.
-    (The layers' own initialisers are 20x slower for SD's 1.4e9 parameters on a CPU and no more meaningful.)"""
+    """Seeded random weights, fast: matrices and kernels normal with std 1/sqrt(fan_in), unit norm scales, zero
+    biases. (The layers' own initialisers take most of a minute for SD's 1.4e9 parameters on a 2-core CPU and mean
+    no more here.)"""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() >= 2:
@@ -234,16 +239,16 @@ def _random(build: Callable[[], nn.Module], generator: torch.Generator, dtype: t
     from accelerate import init_empty_weights
     with init_empty_weights(include_buffers=False):   # no slow default initialisation; buffers stay real
         module = build()
-    _materialise(module)
-    return fill_random(module, generator).to(dtype).requires_grad_(False).eval()
+    _materialise(module, dtype)
+    return fill_random(module, generator).requires_grad_(False).eval()
 
 
-def _materialise(module: nn.Module) -> None:
-    """Give every meta parameter real (uninitialised) CPU storage, leaving real buffers untouched."""
+def _materialise(module: nn.Module, dtype: torch.dtype) -> None:
+    """Give every meta parameter real (uninitialised) CPU storage of `dtype`, leaving real buffers untouched."""
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
             if p.is_meta:
-                setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
+                setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False))
 
 
 def random_pipeline(dtype: torch.dtype, seed: int = RANDOM_WEIGHTS_SEED) -> Pipeline:
@@ -277,13 +282,18 @@ def load_prompts(spec: str) -> tuple[list[str], list[str]]:
 
 class PromptTable(nn.Module):
     """Text-encoder outputs of every distinct prompt, computed once: `embeddings` (n + 1, tokens, width), the last
-    row the empty (negative) prompt. Conditions are row indices."""
+    row the empty (negative) prompt. Conditions are row indices; `train_rows` and `eval_rows` (device buffers, so
+    drawing conditions copies nothing from the host) are those of the training and evaluation prompts."""
 
-    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], dtype: torch.dtype):
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, train_prompts: list[str],
+                 eval_prompts: list[str], dtype: torch.dtype):
         super().__init__()
-        self.prompts = list(prompts) + [""]
+        distinct = list(dict.fromkeys(train_prompts + eval_prompts))   # each prompt encoded once, order kept
+        self.prompts = distinct + [""]
         self.register_buffer("embeddings", encode_prompts(text_encoder, tokenizer, self.prompts).to(dtype),
                              persistent=False)
+        for name, prompts in (("train_rows", train_prompts), ("eval_rows", eval_prompts)):
+            self.register_buffer(name, torch.tensor([distinct.index(p) for p in prompts]), persistent=False)
 
     @property
     def null_index(self) -> int:
@@ -546,11 +556,7 @@ def build_task(name: str, cfg, pipeline: Pipeline, reward_model: nn.Module | Non
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.resolution % factor:
         raise ValueError(f"resolution={cfg.resolution}: must be a multiple of the VAE's downsampling factor {factor}")
-    train_prompts, eval_prompts = load_prompts(cfg.prompts)
-    distinct = list(dict.fromkeys(train_prompts + eval_prompts))   # each prompt encoded once, order kept
-    table = PromptTable(pipeline.text_encoder, pipeline.tokenizer, distinct, dtype)
-    train_rows = torch.tensor([distinct.index(p) for p in train_prompts])
-    eval_rows = torch.tensor([distinct.index(p) for p in eval_prompts])
+    table = PromptTable(pipeline.text_encoder, pipeline.tokenizer, *load_prompts(cfg.prompts), dtype)
     alphas = DDIMScheduler.from_config(pipeline.scheduler_config).alphas_cumprod
 
     consistency = None
@@ -567,8 +573,8 @@ def build_task(name: str, cfg, pipeline: Pipeline, reward_model: nn.Module | Non
         reward_fn, features = colourfulness, pooled_features
 
     def sample_conditions(n: int, generator: torch.Generator) -> Tensor:
-        picks = torch.randint(0, len(train_rows), (n,), generator=generator, device=generator.device)
-        return train_rows.to(generator.device)[picks]
+        picks = torch.randint(0, table.train_rows.shape[0], (n,), generator=generator, device=generator.device)
+        return table.train_rows[picks]
 
     latent = cfg.resolution // factor
     frozen = [table, vae] + [m for m in (consistency, reward_model) if isinstance(m, nn.Module)]
@@ -581,7 +587,7 @@ def build_task(name: str, cfg, pipeline: Pipeline, reward_model: nn.Module | Non
         reward=Checkpointed(reward_fn, cfg.checkpoint_reward),
         decode=Checkpointed(make_decoder(vae), cfg.checkpoint_decoder),
         lora_targets=LORA_TARGETS, consistency=consistency, features=features, real_features=None,
-        eval_conditions=lambda per_class: eval_rows.repeat_interleave(per_class),
+        eval_conditions=lambda per_class: table.eval_rows.repeat_interleave(per_class),
         plot_samples=plot_samples, frozen=frozen,
     )
 
