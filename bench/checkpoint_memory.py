@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each backward pass and compare the adapter gradients (the count itself needs "
-                             "only the forward pass: --no-backward takes about a third of the time)")
+                             "only the forward pass, so --no-backward is quicker)")
     parser.add_argument("train_args", nargs="*", help="extra config options as --name value (after --)")
     args = parser.parse_args(argv)
     command = " ".join(["python bench/checkpoint_memory.py", *(sys.argv[1:] if argv is None else argv)])

@@ -1,4 +1,5 @@
-"""Device-independent memory accounting: bytes of tensors saved for backward, and bytes of parameters held.
+"""Memory: device-independent accounting (bytes of tensors saved for backward, bytes of parameters held) and a
+switchable gradient-checkpointing wrapper.
 
 Both count unique storages, so a tensor saved twice, views of one tensor, or a module shared by two owners count
 once; a saved view holds its whole storage alive, so the storage's size is what is counted.
@@ -9,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _storage_key(t: Tensor) -> tuple[str, int]:
@@ -45,3 +47,17 @@ def parameter_bytes(modules: Iterable[nn.Module]) -> int:
         for t in [*module.parameters(), *module.buffers()]:
             seen[_storage_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+class Checkpointed:
+    """`fn`, gradient-checkpointed (its activations recomputed in the backward pass instead of kept) while `enabled`
+    and gradients are being recorded. A task wraps its decoder and reward in it; `fn` and `enabled` may be changed
+    after the task is built (the trainer puts a `--reward` into `fn`; bench/checkpoint_memory.py flips `enabled`)."""
+
+    def __init__(self, fn: Callable, enabled: bool):
+        self.fn, self.enabled = fn, enabled
+
+    def __call__(self, *args):
+        if self.enabled and torch.is_grad_enabled():
+            return checkpoint(self.fn, *args, use_reentrant=False)
+        return self.fn(*args)

@@ -25,6 +25,7 @@ from sqdf_fast.adapters import (
     load_adapter_state_dict,
 )
 from sqdf_fast.buffer import ReplayBuffer
+from sqdf_fast.memory import Checkpointed
 from sqdf_fast.method import SQDF, make_method, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
@@ -190,7 +191,11 @@ def train(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     if missing:
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
     if cfg.reward is not None:
-        task.reward = tasks.load_callable(cfg.reward, "reward")
+        reward = tasks.load_callable(cfg.reward, "reward")
+        if isinstance(task.reward, Checkpointed):
+            task.reward.fn = reward   # the task's checkpointing switch (checkpoint_reward) applies to it too
+        else:
+            task.reward = reward
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     method = make_method(task, schedule, cfg)

@@ -14,13 +14,15 @@ Every SD test reuses these; import them from tests (tests/ is on sys.path under 
   Images are TINY_RESOLUTION = 64 pixels square.
 - `make_tiny_lcm_lora(path, pipeline_folder)` writes a random LoRA for that UNet's attention and resnet convolutions
   in diffusers' key format (`unet.<module>.lora_A.weight` / `lora_B.weight`), the file a
-  `StableDiffusionPipeline.load_lora_weights` call accepts, standing in for an LCM-LoRA.
+  `StableDiffusionPipeline.load_lora_weights` call accepts, standing in for an LCM-LoRA; with `kohya_alpha` in
+  kohya's keys (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`), the published LCM-LoRA's format.
 - `tiny_sd_config(folder, out, **overrides)` is a validated TrainConfig for `--task sd` on such a folder with tiny
   sampling, batch and evaluation sizes.
 Building both takes about a second; use a module- or session-scoped fixture around them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,18 +82,32 @@ def tiny_lcm_lora_state_dict(pipeline_folder: str | Path, seed: int = 1, rank: i
     return random_lora_state_dict(unet, TINY_LORA_TARGETS, rank, torch.Generator().manual_seed(seed), scale=0.3)
 
 
-def make_tiny_lcm_lora(path: str | Path, pipeline_folder: str | Path, seed: int = 1) -> Path:
-    """A random LoRA safetensors file for the tiny UNet of `pipeline_folder` (diffusers keys); its effect on the
-    UNet's output is of the order of the output itself, so tests can tell it apart."""
+def kohya_keys(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """The same LoRA in kohya's keys, as the published LCM-LoRA files are written: `lora_unet_<module with _>`
+    `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha` (the update is scaled by alpha / rank)."""
+    kohya = {}
+    for key, value in state.items():
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_down.weight" if kind == "A.weight" else f"{name}.lora_up.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return kohya
+
+
+def make_tiny_lcm_lora(path: str | Path, pipeline_folder: str | Path, seed: int = 1,
+                       kohya_alpha: float | None = None) -> Path:
+    """A random LoRA safetensors file for the tiny UNet of `pipeline_folder`, in diffusers' keys (or kohya's with
+    that alpha); its effect on the UNet's output is of the order of the output itself, so tests can tell it apart."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tiny_lcm_lora_state_dict(pipeline_folder, seed), str(path))
+    state = tiny_lcm_lora_state_dict(pipeline_folder, seed)
+    save_file(state if kohya_alpha is None else kohya_keys(state, kohya_alpha), str(path))
     return path
 
 
 def tiny_sd_config(model: str | Path, out: str | Path, **overrides) -> config.TrainConfig:
     """A validated TrainConfig for `--task sd` on a tiny pipeline: 3 DDIM steps, 64 px, batches of 2, guidance 2."""
-    values = dict(config.from_dict({"task": "sd"}, "tiny_sd_config").__dict__)
+    values = dataclasses.asdict(config.from_dict({"task": "sd"}, "tiny_sd_config"))
     values.update(model=str(model), out=str(out), resolution=TINY_RESOLUTION, sample_steps=3, guidance=2.0,
                   steps=2, batch_size=2, rollout_batch=2, buffer_size=4, buffer_dtype="float32",
                   eval_per_class=2, log_every=1, checkpoint_every=2, progress=False, device="cpu",

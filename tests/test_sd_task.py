@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from sd_fixtures import (
     TINY_RESOLUTION,
     TINY_UNET_CONFIG,
@@ -201,6 +202,25 @@ def test_reference_policy_and_consistency_on_one_unet(tiny):
             pass
 
 
+@pytest.mark.parametrize("alpha", [4.0, 2.0])
+def test_kohya_lcm_lora_loads_like_diffusers_keys(tiny, tmp_path, alpha):
+    """The published LCM-LoRA files use kohya's keys with alphas: each layer's update is scaled by alpha / rank, and
+    at alpha = rank the same weights act exactly as in diffusers' keys."""
+    model, lcm = tiny
+    kohya = make_tiny_lcm_lora(tmp_path / "kohya.safetensors", model, kohya_alpha=alpha)
+    outputs = {}
+    for name, source in (("diffusers", lcm), ("kohya", kohya)):
+        task = sd.make_task(tiny_sd_config(model, "unused", consistency=str(source)))
+        x, t, cond = inputs(task)
+        with torch.no_grad(), only_adapter(task.unet, sd.LCM):
+            outputs[name] = task.eps(task.unet, x, t, cond)
+    layers = [m for m in task.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) == len(tiny_lcm_lora_state_dict(model)) // 2
+    assert {layer.scaling[sd.LCM] for layer in layers} == {alpha / 4}   # the fixture's rank is 4
+    if alpha == 4:
+        torch.testing.assert_close(outputs["kohya"], outputs["diffusers"], rtol=1e-6, atol=1e-6)
+
+
 def test_parameter_memory_is_one_unet_plus_adapters(tiny, tmp_path):
     model, lcm = tiny
     task = sd.make_task(tiny_sd_config(model, "unused", consistency=str(lcm)))
@@ -295,8 +315,9 @@ def test_saved_tensor_bytes_counts_distinct_storages():
 
 def test_train_run_writes_the_run_directory(tiny, tmp_path):
     model, lcm = tiny
-    cfg = tiny_sd_config(model, tmp_path / "run", consistency=str(lcm), steps=2)
+    cfg = tiny_sd_config(model, tmp_path / "run", consistency=str(lcm), steps=2, reward="rewards_for_tests:image_mean")
     summary = run(cfg)
+    assert 0 < summary["reward_base"] < 1   # the mean of images in [0, 1]
     out = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "summary.json", "samples_base.png", "samples_final.png",
                  "curves.png", "checkpoint/adapter.safetensors"):

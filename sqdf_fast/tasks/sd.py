@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -48,6 +47,7 @@ from transformers import (
 from sqdf_fast import ops
 from sqdf_fast.adapters import POLICY, _activate, _tuner_layers, only_adapter
 from sqdf_fast.consistency import ConsistencyModel, boundary_scalings
+from sqdf_fast.memory import Checkpointed
 from sqdf_fast.plots import save_grid
 from sqdf_fast.tasks import Task
 
@@ -450,19 +450,6 @@ def unet_eps(unet: nn.Module, prompts: PromptTable, x: Tensor, t: Tensor, cond: 
     """epsilon of the UNet in its weights' dtype, returned in x's dtype; cond are prompt-table rows."""
     context = prompts(cond)
     return unet(x.to(context.dtype), t, encoder_hidden_states=context, **kwargs).sample.to(x.dtype)
-
-
-class Checkpointed:
-    """`fn`, gradient-checkpointed (its activations recomputed in the backward pass instead of kept) while `enabled`
-    and gradients are being recorded; `enabled` may be switched after the task is built (bench/checkpoint_memory)."""
-
-    def __init__(self, fn: Callable, enabled: bool):
-        self.fn, self.enabled = fn, enabled
-
-    def __call__(self, *args):
-        if self.enabled and torch.is_grad_enabled():
-            return checkpoint(self.fn, *args, use_reentrant=False)
-        return self.fn(*args)
 
 
 def make_decoder(vae: AutoencoderKL) -> Callable[[Tensor], Tensor]:
