@@ -1,6 +1,7 @@
 """The Stable Diffusion task on tiny pipeline folders: loading, folder errors, adapters (policy, reference, LCM on one
 UNet), the prompt cache, gradient checkpointing, parameter and activation memory, and a short training run."""
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -104,7 +105,7 @@ def test_malformed_folder_is_named(tiny, tmp_path, damage, message):
 def test_bad_arguments(tiny, tmp_path):
     model, _ = tiny
     with pytest.raises(ValueError, match="needs --model"):
-        sd.make_task(tiny_sd_config(model, "unused", model=None))
+        sd.make_task(dataclasses.replace(tiny_sd_config(model, "unused"), model=None))
     with pytest.raises(ValueError, match="builds its own random weights"):
         sd.make_random_task(tiny_sd_config(model, "unused", task="sd-random"))
     with pytest.raises(ValueError, match="prompts='nowhere.txt'"):
