@@ -360,3 +360,19 @@ def test_random_lora_fills_a_copy_exactly():
     with pytest.raises(ValueError, match="fit no layer|not a LoRA"):
         bad = {k.replace("unet.", "unet.nowhere."): v for k, v in state.items()}
         sd.load_lcm_lora(copy.deepcopy(unet), bad, torch.float32)
+
+
+def test_bfloat16_weights_keep_a_float32_policy(tiny):
+    model, lcm = tiny
+    cfg = tiny_sd_config(model, "unused", consistency=str(lcm), weights_dtype="bfloat16")
+    task = sd.make_task(cfg)
+    params = add_policy_lora(task.unet, task.lora_targets, 4, 4.0, 0)
+    assert {p.dtype for p in params} == {torch.float32}
+    frozen = [p for m in (task.unet, *task.frozen) for p in m.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16} and task.frozen[0].embeddings.dtype == torch.bfloat16
+    method = SQDF(task, DDIMSchedule.build(task.scheduler_config, cfg.sample_steps), cfg)
+    x, _, cond = inputs(task)
+    loss, _ = method.loss(x, torch.tensor([0, 1]), cond, None, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in params) and any(p.grad.abs().sum() > 0 for p in params)
