@@ -1,6 +1,7 @@
 """The policy as a LoRA adapter on the base weights; the reference is the same weights with adapters off."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -19,36 +20,85 @@ POLICY = "policy"
 def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> list[nn.Parameter]:
     """Attach a trainable float32 LoRA (B initialised to zero, so policy = base at the start); freeze the rest.
 
-    A's random initialisation comes from `seed` without touching the global RNG."""
-    model.requires_grad_(False)
+    A's random initialisation comes from `seed` without touching the global RNG.
+    A model may already carry other, frozen adapters (a task's consistency LoRA, sqdf_fast.tasks.sd): afterwards
+    the policy is the only active adapter in every layer and the only trainable parameters are its own."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft warns that a model with adapters gets another one: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=POLICY)
     params = [p for name, p in model.named_parameters() if f".{POLICY}." in name]
     if not params:
         raise ValueError(f"lora targets {targets} match no module of {type(model).__name__}")
+    # peft's injection re-activates (and makes trainable) whatever adapters were active before: set the state
+    # explicitly, then freeze everything but the policy
+    _activate(_tuner_layers(model), [POLICY])
+    model.requires_grad_(False)
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
 
-def _tuner_layers(model: nn.Module):
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def _requires_grad_kept(layers: list[BaseTunerLayer]):
+    """peft's set_adapter / enable_adapters also flip requires_grad (active adapters become trainable, disabled
+    ones frozen); switching adapters for one forward must not change what the optimizer trains."""
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _activate(layers: list[BaseTunerLayer], names: list[str]) -> None:
+    """Make `names` the active adapters of every layer (a layer without them falls through to its base layer)."""
+    with _requires_grad_kept(layers):
+        for layer in layers:
+            layer.set_adapter(names)
+
+
+def has_adapter(model: nn.Module, name: str) -> bool:
+    return any(name in getattr(layer, attr) for layer in _tuner_layers(model) for attr in layer.adapter_layer_names)
+
+
+@contextmanager
+def only_adapter(model: nn.Module, name: str):
+    """Run the model with adapter `name` alone active (e.g. a frozen consistency LoRA while the policy LoRA sits on
+    the same layers); the previous active adapters and every requires_grad flag are restored on exit."""
+    layers = _tuner_layers(model)
+    if not has_adapter(model, name):
+        raise ValueError(f"adapter {name!r}: {type(model).__name__} has no such adapter")
+    previous = [list(layer.active_adapters) for layer in layers]
+    _activate(layers, [name])
+    try:
+        yield model
+    finally:
+        with _requires_grad_kept(layers):
+            for layer, names in zip(layers, previous):
+                layer.set_adapter(names)
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the base model: every adapter layer falls through to its frozen base layer."""
     layers = _tuner_layers(model)
-    for layer in layers:
-        layer.enable_adapters(False)
+    with _requires_grad_kept(layers):
+        for layer in layers:
+            layer.enable_adapters(False)
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        with _requires_grad_kept(layers):
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -26,6 +26,14 @@ class TrainConfig:
                                 "aesthetic, clip-score, or module:function (images, cond) -> (B,) (README, Rewards)")
     reward_weights: str | None = option(None, "task", "folder of the reward's weights: aesthetic (CLIP + LAION head), "
                                         "clip-score (a CLIP model), digits (README, Rewards)")
+    consistency: str | None = option(None, "task", "sd tasks: the consistency model, an LCM-LoRA (.safetensors file, "
+                                     "or folder with pytorch_lora_weights.safetensors) or an LCM UNet folder")
+    prompts: str = option("simple-animals", "task", "sd tasks: prompt list, built-in (simple-animals: 45 animals, "
+                          "6 held out for evaluation) or a text file, one prompt per line (its first 6 evaluate)")
+    resolution: int = option(512, "task", "sd tasks: image size in pixels (latents are resolution / 8 for SD)")
+    weights_dtype: str = option("auto", "task", "sd tasks: dtype of the frozen weights (the policy LoRA stays "
+                                "float32); auto: bfloat16 on CUDA, float32 on the CPU",
+                                ("auto", "float32", "bfloat16", "float16"))
     out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)")
     seed: int = option(0, "task", "seed of every random stream (each data-parallel rank derives its own)")
     device: str = option("auto", "task", "auto (CUDA when present), cpu, cuda, cuda:N")
@@ -45,6 +53,8 @@ class TrainConfig:
                               "Tweedie; auto = consistency when the task has one", ("auto", "consistency", "tweedie"))
     estimator_guidance: float = option(1.0, "method", "guidance of the Tweedie estimator (1: conditional branch only)")
     checkpoint_estimator: bool = option(True, "method", "gradient checkpointing through the one-step x0 estimator")
+    checkpoint_decoder: bool = option(True, "method", "gradient checkpointing through the task's decoder (sd: VAE)")
+    checkpoint_reward: bool = option(True, "method", "gradient checkpointing through the task's reward model (sd)")
     reward_mask: bool = option(False, "method", "the authors' mask: drop samples with reward <= 0 from the loss")
     step_sampler: str = option("uniform", "method", "how the trained step j is drawn: uniform, or discounted "
                                "(q(j) ~ gamma^(T-1-j), loss weighted by (1/T)/q(j))", ("uniform", "discounted"))
@@ -164,6 +174,8 @@ def validate(cfg: TrainConfig) -> None:
          f"with {world} processes (WORLD_SIZE) each takes cuda:LOCAL_RANK: pass cuda or auto"),
         (rewards.is_known(cfg.reward), "reward",
          f"unknown reward; built-in: {', '.join(rewards.BUILTIN_REWARDS)}, or module:function"),
+        (cfg.resolution >= 8, "resolution", "must be >= 8 pixels"),
+        (cfg.consistency is None or Path(cfg.consistency).exists(), "consistency", "no such file or folder"),
     ]
     for ok, name, message in checks:
         if not ok:

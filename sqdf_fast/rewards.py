@@ -152,9 +152,12 @@ class AestheticReward(FrozenReward):
         self.size = vision.config.image_size
         self.freeze()
 
+    def embed(self, images: Tensor) -> Tensor:
+        """The L2-normalised CLIP image embedding the head scores (also a feature for the metrics)."""
+        return normalized(self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds)
+
     def score(self, images: Tensor, cond: Tensor) -> Tensor:
-        embeds = self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds
-        return at_least_float32(self.head(normalized(embeds)))
+        return at_least_float32(self.head(self.embed(images)))
 
 
 class ClipScoreReward(FrozenReward):

@@ -38,6 +38,7 @@ from sqdf_fast.distributed import (
     tensors_digest,
     to_device,
 )
+from sqdf_fast.memory import Checkpointed
 from sqdf_fast.method import SQDF, make_method, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
@@ -76,8 +77,12 @@ def guarded_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
 
 
 @torch.no_grad()
-def evaluate(method: SQDF, cfg: config.TrainConfig, ctx: Context, with_kl: bool) -> tuple[dict, Tensor]:
-    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; and the samples.
+def evaluate(method: SQDF, cfg: config.TrainConfig, ctx: Context, with_kl: bool,
+             base_features: dict[int, Tensor] | None = None) -> tuple[dict, Tensor, dict[int, Tensor]]:
+    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; the samples; their features by
+    condition. fd is against the task's real data, or, for a task without any (real_features None), against
+    `base_features`, the base model's own evaluation features (None: these samples' own, so the base's fd is 0):
+    then fd measures the drift from the base model.
 
     With several ranks each samples a contiguous shard of the evaluation conditions, drawing that shard's rows of
     the same x_T and per-step noise a single process draws for the whole batch (same seeds on every rank), so the
@@ -93,13 +98,18 @@ def evaluate(method: SQDF, cfg: config.TrainConfig, ctx: Context, with_kl: bool)
     images = task.decode(x0)
     reward, features = task.reward(images, cond[rows]), task.features(images)
     images, reward, features = ctx.gather_rows(images), ctx.gather_rows(reward), ctx.gather_rows(features)
+    by_class = {int(c): features[cond == c] for c in torch.unique(cond).tolist()}
+    if task.real_features is not None:
+        reference = task.real_features(cond)
+    else:
+        reference = base_features if base_features is not None else by_class
     metrics = {"reward": float(reward.mean()),
                "diversity": per_class_diversity(features, cond),
-               "fd": per_class_fd(features, cond, task.real_features(cond)),
+               "fd": per_class_fd(features, cond, reference),
                "kl": float(ctx.gather_rows(path_kl).mean()) if with_kl else 0.0}
     if task.target_metrics is not None:
         metrics.update(task.target_metrics(images, cond))
-    return metrics, images
+    return metrics, images, by_class
 
 
 def collect(method: SQDF, n: int, cfg: config.TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
@@ -219,13 +229,17 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         adapter, state, own = to_device((adapter, state, own), device)
 
     task = tasks.resolve(cfg.task)(cfg)
-    missing = [name for name in ("features", "real_features", "eval_conditions") if getattr(task, name) is None]
+    missing = [name for name in ("features", "eval_conditions") if getattr(task, name) is None]
     if missing:
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
-    task.reward = rewards.build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts,
-                                       task_reward=task.reward, device=device)
-    if isinstance(task.reward, torch.nn.Module) and all(task.reward is not m for m in task.frozen):
-        task.frozen.append(task.reward)   # moves with the task's other frozen networks
+    reward = rewards.build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts,
+                                  task_reward=task.reward, device=device)
+    if isinstance(task.reward, Checkpointed):
+        task.reward.fn = reward   # the task's checkpointing switch (checkpoint_reward) applies to any reward
+    else:
+        task.reward = reward
+    if isinstance(reward, torch.nn.Module) and all(reward is not m for m in task.frozen):
+        task.frozen.append(reward)   # moves with the task's other frozen networks
     task = task.to(device)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
@@ -252,6 +266,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         guard.streak.fill_(state["guard"]["streak"])
         guard.reported = state["guard"]["total"]
         first_step, base, wall_before = state["step"], state["base_metrics"], state["wall_s"]
+        base_features = state.get("base_features")   # absent in checkpoints of tasks with real data
         fresh = own["fresh"]     # the last rollout's reward, conditions and images, for logging before the next one
         window = own["window"]   # per-step metrics not yet logged
         if main:
@@ -260,7 +275,9 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        base, base_images = evaluate(method, cfg, ctx, with_kl=False)
+        base, base_images, base_features = evaluate(method, cfg, ctx, with_kl=False)
+        if task.real_features is not None:
+            base_features = None   # fd is against real data; only a task without it measures drift from the base
         if main:
             save_samples(task, base_images, cfg, out / "samples_base.png")
         first_step, wall_before, fresh, window = 0, 0.0, None, []
@@ -289,6 +306,7 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         if main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "base_metrics": base,
                      "guard": {"total": int(guard.total), "streak": int(guard.streak)},
+                     "base_features": base_features,
                      "wall_s": wall_before + time.time() - start, "world_size": ctx.world, "ranks": ranks}
             checkpoint.save(out, adapter, state)
 
@@ -350,14 +368,14 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
                 tqdm.write(f"step {done:4d}/{cfg.steps} | reward {fmt(row['reward'])} | kl {fmt(row['kl_term'])} | "
                            f"diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            metrics, _ = evaluate(method, cfg, ctx, with_kl=True)
+            metrics, _, _ = evaluate(method, cfg, ctx, with_kl=True, base_features=base_features)
             write_row(eval_row(done, metrics))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             guard.check(done)
             save_checkpoint(done)
     bar.close()
 
-    final, final_images = evaluate(method, cfg, ctx, with_kl=True)
+    final, final_images, _ = evaluate(method, cfg, ctx, with_kl=True, base_features=base_features)
     write_row(eval_row(cfg.steps, final))
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
                "diversity_base": base["diversity"], "diversity_final": final["diversity"],

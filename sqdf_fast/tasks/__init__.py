@@ -1,7 +1,7 @@
 """Tasks are plug-ins: a base denoiser, an optional consistency model, a reward, an evaluator and conditions.
 
-A task is built by a function `make(cfg) -> Task`. Built-in: `digits`, `gmm2d`, `gmm2d-ring`. Your own:
-`--task my_module:make_task`.
+A task is built by a function `make(cfg) -> Task`. Built-in: `digits`, `gmm2d`, `gmm2d-ring`, `sd`, `sd-random`.
+Your own: `--task my_module:make_task`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ class Task:
     consistency: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
     # evaluation: features of images for diversity / Frechet distance, and real features per condition
     features: Callable[[Tensor], Tensor] | None = None
-    real_features: Callable[[Tensor], dict] | None = None   # cond (n,) -> {class: (m, F) features}
+    # cond (n,) -> {class: (m, F) features}; None (no real data): fd is measured against the base model's samples
+    real_features: Callable[[Tensor], dict] | None = None
     eval_conditions: Callable[[int], Tensor] | None = None  # per_class -> a fixed list of conditions
     # extra evaluation metrics where the task knows more (e.g. an exact target): (images, cond) -> {name: float};
     # they join reward, diversity, fd and kl in metrics.jsonl and summary.json (<name>_base, <name>_final)
@@ -47,7 +48,8 @@ class Task:
 
 
 BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task", "gmm2d": "sqdf_fast.tasks.gmm2d:make_task",
-           "gmm2d-ring": "sqdf_fast.tasks.gmm2d:make_ring_task"}
+           "gmm2d-ring": "sqdf_fast.tasks.gmm2d:make_ring_task", "sd": "sqdf_fast.tasks.sd:make_task",
+           "sd-random": "sqdf_fast.tasks.sd:make_random_task"}
 
 
 def load_callable(reference: str, what: str) -> Callable:
