@@ -172,7 +172,7 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
         params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
         method = make_method(task, schedule, cfg)
         optimizer = make_optimizer(params, cfg, ctx.device)
-        base, _ = evaluate(method, cfg, ctx, with_kl=False)
+        base, _, _ = evaluate(method, cfg, ctx, with_kl=False)
         cond_example = task.sample_conditions(1, torch.Generator().manual_seed(0))
         per_rank = []
         for rank in range(WORLD):
@@ -188,7 +188,7 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
                              **{k: float(v) for k, v in stats.items()}, "fresh": fresh})
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         optimizer.step()
-        final, _ = evaluate(method, cfg, ctx, with_kl=True)
+        final, _, _ = evaluate(method, cfg, ctx, with_kl=True)
     row = {k: sum(r[k] for r in per_rank) / WORLD for k in ("loss", "reward", "reward_q", "kl_term")}
     features = task.features(torch.cat([r["fresh"]["images"] for r in per_rank]))
     row.update(grad_norm=grad_norm, diversity=per_class_diversity(features, torch.cat([r["fresh"]["cond"]
