@@ -1,0 +1,88 @@
+"""`python -m sqdf_fast.sample`: an image grid from a local Stable-Diffusion-style pipeline, with or without a LoRA.
+
+    python -m sqdf_fast.sample --model PATH [--lora RUN_DIR/lora] [--prompts FILE|LIST|"a cat;a dog"] \\
+        [--per-prompt 4] [--steps 50] [--guidance 5] [--eta 1] [--seed 0] [--out grid.png]
+
+It runs diffusers' own StableDiffusionPipeline with a DDIM scheduler (the trainer's sampler) and
+`pipeline.load_lora_weights(--lora)`, so the grid is what any diffusers user of the exported LoRA gets. One row per
+prompt; each prompt's images use seeds seed, seed + 1, ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from sqdf_fast.plots import save_grid
+from sqdf_fast.train import resolve_device
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The pipeline in `model` (a diffusers SD folder, read with no network) with a DDIM scheduler and no safety
+    checker. Built from its components, so a folder without model_index.json works too."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sqdf_fast.tasks.sd import load_components
+    components = load_components(model, dtype)
+    scheduler = DDIMScheduler.from_config(components.scheduler_config)
+    pipeline = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                       tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@torch.no_grad()
+def sample_grid(pipeline, prompts: list[str], per_prompt: int, steps: int, guidance: float, eta: float, seed: int,
+                resolution: int | None = None) -> torch.Tensor:
+    """(len(prompts) * per_prompt, 3, H, W) images in [0, 1], prompt-major."""
+    device = pipeline.unet.device
+    images = []
+    for prompt in prompts:
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(per_prompt)]
+        out = pipeline([prompt] * per_prompt, num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+                       generator=generators, height=resolution, width=resolution, output_type="pt")
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sqdf_fast.tasks.sd import load_prompts
+    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="local diffusers Stable-Diffusion-style pipeline folder")
+    parser.add_argument("--lora", help="folder of an exported LoRA (a run's lora/), loaded with load_lora_weights")
+    parser.add_argument("--prompts", help="prompt file (one per line), a built-in list name, or prompts separated "
+                                          "by ';' (default: the task's built-in list)")
+    parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt: one grid row (default 4)")
+    parser.add_argument("--max-prompts", type=int, default=8, help="first N prompts of the list (default 8)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1, as in training)")
+    parser.add_argument("--resolution", type=int, help="image size in pixels (default: the UNet's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
+    args = parser.parse_args(argv)
+    for name in ("per_prompt", "max_prompts", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        prompts = load_prompts(args.prompts)[:args.max_prompts]
+        pipeline = load_pipeline(args.model, resolve_device(args.device))
+        if args.lora is not None:
+            if not Path(args.lora).exists():
+                raise ValueError(f"lora={args.lora!r}: no such file or folder")
+            pipeline.load_lora_weights(args.lora)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    images = sample_grid(pipeline, prompts, args.per_prompt, args.steps, args.guidance, args.eta, args.seed,
+                         args.resolution)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images * 2 - 1, args.out, nrow=args.per_prompt, scale=1)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_prompt} images")
+
+
+if __name__ == "__main__":
+    main()
