@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sqdf_fast.plots import save_grid
-from sqdf_fast.train import resolve_device
+from sqdf_fast.distributed import resolve_device
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -24,11 +24,10 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype = torch.f
     checker. Built from its components, so a folder without model_index.json works too."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sqdf_fast.tasks.sd import load_components
-    components = load_components(model, dtype)
-    scheduler = DDIMScheduler.from_config(components.scheduler_config)
-    pipeline = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                       tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
+    from sqdf_fast.tasks.sd import load_pipeline as load_parts
+    parts = load_parts(model, dtype)
+    pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=parts.unet, scheduler=DDIMScheduler.from_config(parts.scheduler_config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -53,8 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sqdf_fast.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local diffusers Stable-Diffusion-style pipeline folder")
     parser.add_argument("--lora", help="folder of an exported LoRA (a run's lora/), loaded with load_lora_weights")
-    parser.add_argument("--prompts", help="prompt file (one per line), a built-in list name, or prompts separated "
-                                          "by ';' (default: the task's built-in list)")
+    parser.add_argument("--prompts", default="simple-animals",
+                        help="prompt file (one per line), a built-in list name (default simple-animals: its held-out "
+                             "evaluation prompts), or prompts separated by ';'")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt: one grid row (default 4)")
     parser.add_argument("--max-prompts", type=int, default=8, help="first N prompts of the list (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     try:
-        prompts = load_prompts(args.prompts)[:args.max_prompts]
+        if ";" in args.prompts:
+            prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
+        else:
+            prompts = load_prompts(args.prompts)[1]   # the evaluation prompts of the list
+        prompts = prompts[:args.max_prompts]
         pipeline = load_pipeline(args.model, resolve_device(args.device))
         if args.lora is not None:
             if not Path(args.lora).exists():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from diffusers import UNet2DConditionModel
 from torch import Tensor
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from sqdf_fast.distributed import (
     tensors_digest,
     to_device,
 )
+from sqdf_fast.export import save_diffusers_lora
 from sqdf_fast.memory import Checkpointed
 from sqdf_fast.method import SQDF, make_method, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
@@ -389,6 +391,8 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         save_curves(rows, out / "curves.png", ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward",
                                                "eval_diversity", "eval_fd", "eval_kl"))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if isinstance(task.unet, UNet2DConditionModel):   # a diffusers pipeline's UNet: its users' LoRA format
+            save_diffusers_lora(task.unet, out / "lora")
         print_table(base, final, summary["wall_s"], out)
     return summary
 

@@ -56,6 +56,9 @@ def write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(byte_level_vocab()))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    # the context length, as SD's tokenizer_config.json gives it (77 there): diffusers' pipeline pads prompts to it
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length":
+                                                              TINY_TEXT_CONFIG["max_position_embeddings"]}))
 
 
 def make_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
