@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from sqdf_fast.plots import save_grid
 from sqdf_fast.distributed import resolve_device
+from sqdf_fast.plots import save_grid
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype = torch.float32):
