@@ -256,6 +256,10 @@ def plot_pareto(path: Path, table: list[dict]) -> None:
                                 textcoords="offset points")
             if len(points) > 1:   # the sweep's front
                 ax.plot([p[1][0] for p in points], [p[0][0] for p in points], "-", color=colour, alpha=0.6)
+        xs = [e[metric][0] for e in table if metric in e and "reward" in e]
+        if xs and min(xs) > 0 and max(xs) > 1e3 * min(xs):   # a diverged method would squash every other point
+            ax.set_xscale("log")
+            label += ", log scale"
         ax.set_xlabel(label)
         ax.set_ylabel("reward")
         ax.grid(alpha=0.3)
