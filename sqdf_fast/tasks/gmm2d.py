@@ -70,7 +70,8 @@ METHOD_DEFAULTS = {"draft-kl": {"alpha": 0.0175, "target_alpha": 1.0}}
 
 
 class Mixture(NamedTuple):
-    """sum_k weights_k N(means_k, variances_k I) in 2-D; means (K, 2) or (B, K, 2), variances (K,) or (B, K)."""
+    """sum_k weights_k N(means_k, variances_k I) in 2-D; weights (K,) or (B, K), means (K, 2) or (B, K, 2),
+    variances (K,) or (B, K)."""
     weights: Tensor
     means: Tensor
     variances: Tensor
@@ -110,13 +111,21 @@ def marginal_score(x: Tensor, mixture: Mixture, a: Tensor) -> Tensor:
     return (responsibilities[..., None] * (noisy.means - x[:, None, :]) / noisy.variances[..., None]).sum(1)
 
 
-def posterior_mean(x: Tensor, mixture: Mixture, a: Tensor) -> Tensor:
-    """E[x0 | x_t = x]: the per-component Gaussian posterior means, weighted by the responsibilities at x."""
+def posterior_mixture(x: Tensor, mixture: Mixture, a: Tensor) -> Mixture:
+    """p(x0 | x_t = x), a mixture per point (weights (B, K), means (B, K, 2), variances (B, K)): component k has
+    the responsibility of x as its weight, mean mu_k + sqrt(a) s_k^2 / v_k (x - sqrt(a) mu_k), variance
+    s_k^2 (1 - a) / v_k. Differentiable in x."""
     noisy = noised(mixture, a)
     responsibilities = torch.softmax(component_log_probs(x, noisy), dim=-1)
     gain = (a.sqrt()[:, None] * mixture.variances / noisy.variances)[..., None]
-    component_means = mixture.means + gain * (x[:, None, :] - noisy.means)
-    return (responsibilities[..., None] * component_means).sum(1)
+    means = mixture.means + gain * (x[:, None, :] - noisy.means)
+    return Mixture(responsibilities, means, mixture.variances * (1 - a)[:, None] / noisy.variances)
+
+
+def posterior_mean(x: Tensor, mixture: Mixture, a: Tensor) -> Tensor:
+    """E[x0 | x_t = x]: the per-component Gaussian posterior means, weighted by the responsibilities at x."""
+    posterior = posterior_mixture(x, mixture, a)
+    return (posterior.weights[..., None] * posterior.means).sum(1)
 
 
 def eps_exact(x: Tensor, mixture: Mixture, a: Tensor) -> Tensor:
