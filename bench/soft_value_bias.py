@@ -1,0 +1,198 @@
+"""How far SQDF's Q estimate r(E[x0 | x_t]) is from the soft value it stands for, on the gmm2d tasks.
+
+    OMP_NUM_THREADS=1 python bench/soft_value_bias.py [--alpha 1] [--points 4096] [--nodes 16] [--json PATH]
+
+The KL-regularised optimum tilts each transition by the soft value V_t(x) = alpha log E[exp(r(x0) / alpha) | x_t = x]
+(sqdf-method.md §2); SQDF uses r(E[x0 | x_t = x]) instead, and on the gmm2d tasks E[x0 | x_t] is exact (the task's
+consistency model is the base's posterior mean), so the only gap is the log-E-exp -> r(E) swap. The policy's
+improvement step moves the transition's mean along the gradient of Q, so the ratio of gradient norms is the factor by
+which SQDF over- (> 1) or under-tilts (< 1) that transition.
+
+For each task (`gmm2d`: quadratic reward; `gmm2d-ring`: half-plane reward) at the trained states' noise levels
+t_{j+1} of the 50-step DDIM schedule, x_t is drawn from the noised marginal p_t. The posterior p(x0 | x_t) is the
+exact Gaussian mixture (gmm2d.posterior_mixture); E[exp(r / alpha)] over each of its components is a 2-D
+Gauss-Hermite quadrature (nodes^2 points per component, placed at the component's mean plus its std times the
+standard nodes, so autograd through them gives grad_x V). Posterior components have std <= 0.4: 16 nodes per axis
+agree with 40 to 1e-6 on the ring, and with the closed form on the quadratic reward to rounding.
+Reported per level: mean |V - r(E)|, mean (r(E) - V), mean |grad V|, the mean per-point ratio |grad r(E)| / |grad V|
+and the mean cosine between the gradients, over all points and over the "split" points, whose posterior puts between 0.2
+and 0.8 of its mass on the upper-half modes (mode means with y > 0; the modes at 0 and 180 degrees sit on the
+boundary and count as neither). The JSON also has the same over points split on the lower-half modes, each
+transition's policy variance sigma_j^2 (eta = 1: the optimal step moves the mean by sigma_j^2 grad Q / alpha), and
+the targets' expected reward and mode weights. Writes bench/results/soft_value_bias.json (or PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sqdf_fast.info import device_name
+from sqdf_fast.schedule import DDIMSchedule
+from sqdf_fast.tasks import gmm2d
+
+RESULTS = Path(__file__).resolve().parent / "results" / "soft_value_bias.json"
+TRAINED_STEPS = (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 48)   # transitions j; the states are at t_{j+1}
+SPLIT = (0.2, 0.8)
+CHUNK = 512
+MIN_GRAD = 1e-6   # points whose |grad V| is below this are left out of the gradient ratio and cosine
+
+
+def rewards() -> dict[str, torch.nn.Module]:
+    return {"gmm2d": gmm2d.QuadraticReward(gmm2d.REWARD_CENTRE, gmm2d.REWARD_LENGTH),
+            "gmm2d-ring": gmm2d.HalfPlaneReward(gmm2d.HALF_PLANE_HEIGHT, gmm2d.HALF_PLANE_WIDTH)}
+
+
+def gauss_hermite_2d(nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nodes^2, 2) standard-normal quadrature points and their log weights (summing to 1)."""
+    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    points, weights = torch.from_numpy(points), torch.from_numpy(weights / weights.sum())
+    grid = torch.stack(torch.meshgrid(points, points, indexing="ij"), -1).reshape(-1, 2)
+    return grid, (weights[:, None] * weights[None, :]).reshape(-1).log()
+
+
+def soft_value(x: torch.Tensor, base: gmm2d.Mixture, a: torch.Tensor, reward, alpha: float,
+               quadrature: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, gmm2d.Mixture]:
+    """V(x) = alpha log sum_k rho_k(x) E_{N(m_k(x), u_k)}[exp(r / alpha)], (B,), and the posterior mixture."""
+    points, log_weights = quadrature
+    posterior = gmm2d.posterior_mixture(x, base, a)
+    log_rho = torch.log_softmax(gmm2d.component_log_probs(x, gmm2d.noised(base, a)), dim=-1)   # no log(0)
+    x0 = posterior.means[:, :, None, :] + posterior.variances.sqrt()[:, :, None, None] * points   # (B, K, Q, 2)
+    r = reward(x0.reshape(-1, 2), None).reshape(x0.shape[:-1])
+    log_mgf = torch.logsumexp(r / alpha + log_weights, dim=-1)                                  # (B, K)
+    return alpha * torch.logsumexp(log_rho + log_mgf, dim=-1), posterior
+
+
+def values_and_gradients(x: torch.Tensor, a: torch.Tensor, reward, alpha: float, quadrature) -> dict:
+    """V, r(E[x0|x]), their gradients in x, and the posterior mass on the upper / lower modes, per point."""
+    base = gmm2d.ring_mixture()
+    upper, lower = base.means[:, 1] > 0.5, base.means[:, 1] < -0.5
+    out = {key: [] for key in ("v", "r_e", "grad_v", "grad_r_e", "upper", "lower")}
+    for start in range(0, x.shape[0], CHUNK):
+        chunk = x[start:start + CHUNK].detach().requires_grad_(True)
+        level = a.expand(chunk.shape[0])
+        v, posterior = soft_value(chunk, base, level, reward, alpha, quadrature)
+        grad_v, = torch.autograd.grad(v.sum(), chunk)
+        r_e = reward(gmm2d.posterior_mean(chunk, base, level), None)
+        grad_r_e, = torch.autograd.grad(r_e.sum(), chunk)
+        weights = posterior.weights.detach()
+        for key, value in (("v", v), ("r_e", r_e), ("grad_v", grad_v), ("grad_r_e", grad_r_e),
+                           ("upper", weights[:, upper].sum(-1)), ("lower", weights[:, lower].sum(-1))):
+            out[key].append(value.detach())
+    return {key: torch.cat(value) for key, value in out.items()}
+
+
+def summarise(q: dict, mask: torch.Tensor) -> dict:
+    n = int(mask.sum())
+    if n == 0:
+        return {"n": 0}
+    v, r_e, grad_v, grad_r_e = q["v"][mask], q["r_e"][mask], q["grad_v"][mask], q["grad_r_e"][mask]
+    norm_v, norm_r_e = grad_v.norm(dim=-1), grad_r_e.norm(dim=-1)
+    ok = norm_v > MIN_GRAD
+    ratio = norm_r_e[ok] / norm_v[ok]
+    cosine = (grad_v * grad_r_e).sum(-1)[ok] / (norm_v[ok] * norm_r_e[ok]).clamp_min(1e-300)
+    nan = float("nan")
+    return {"n": n, "n_grad": int(ok.sum()),
+            "mean_abs_gap": float((v - r_e).abs().mean()), "mean_gap_r_e_minus_v": float((r_e - v).mean()),
+            "mean_v": float(v.mean()), "mean_r_e": float(r_e.mean()),
+            "mean_grad_ratio": float(ratio.mean()) if ok.any() else nan,
+            "median_grad_ratio": float(ratio.median()) if ok.any() else nan,
+            "ratio_of_mean_grad_norms": float(norm_r_e.mean() / norm_v.mean()),
+            "mean_grad_norm_v": float(norm_v.mean()), "mean_grad_norm_r_e": float(norm_r_e.mean()),
+            "mean_cosine": float(cosine.mean()) if ok.any() else nan}
+
+
+def reference_targets(alpha: float, importance_samples: int) -> dict:
+    base, out = gmm2d.ring_mixture(), {}
+    for name, reward in rewards().items():
+        if name == "gmm2d":
+            target = gmm2d.quadratic_target(base, reward, alpha)
+            extra = {"exact": True}
+        else:
+            target, ess = gmm2d.importance_target(base, reward, alpha, n=importance_samples)
+            extra = {"importance_samples": importance_samples, "effective_sample_fraction": round(ess, 4)}
+        weights = target.mode_weights
+        out[name] = {"expected_reward": round(target.expected_reward, 4),
+                     "mode_weights": [round(float(w), 4) for w in weights],
+                     "upper_modes_mass": round(float(weights[base.means[:, 1] > 0.5].sum()), 4),
+                     "boundary_modes_mass": round(float(weights[base.means[:, 1].abs() <= 0.5].sum()), 4),
+                     "lower_modes_mass": round(float(weights[base.means[:, 1] < -0.5].sum()), 4), **extra}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--points", type=int, default=4096, help="x_t samples from p_t per level")
+    parser.add_argument("--nodes", type=int, default=16, help="Gauss-Hermite nodes per axis")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(TRAINED_STEPS),
+                        help="trained transitions j of the 50-step schedule; the states are at t_{j+1}")
+    parser.add_argument("--importance-samples", type=int, default=gmm2d.IMPORTANCE_SAMPLES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    env = [f"{key}={os.environ[key]}" for key in ("PYTHONPATH", "OMP_NUM_THREADS") if key in os.environ]
+    command = " ".join([*env, "python bench/soft_value_bias.py", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+
+    schedule = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 50, dtype=torch.float64)
+    sigma_sq = schedule.sigma(1.0).square()   # transition j's policy variance (eta = 1)
+    base, quadrature = gmm2d.ring_mixture(), gauss_hermite_2d(args.nodes)
+    rows = []
+    for name, reward in rewards().items():
+        for j in args.steps:
+            t = int(schedule.next_timesteps[j])
+            a = schedule.alpha_prev[j].reshape(1)
+            generator = torch.Generator().manual_seed(args.seed + j)
+            x0 = gmm2d.sample(base, args.points, generator)
+            x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+            q = values_and_gradients(x, a, reward, args.alpha, quadrature)
+            split = {"all": torch.ones_like(q["v"], dtype=torch.bool),
+                     "split_upper": (q["upper"] >= SPLIT[0]) & (q["upper"] <= SPLIT[1]),
+                     "split_lower": (q["lower"] >= SPLIT[0]) & (q["lower"] <= SPLIT[1])}
+            rows.append({"task": name, "j": j, "t": t, "alpha_cumprod": round(float(a), 6),
+                         "sigma_sq": round(float(sigma_sq[j]), 6),
+                         **{key: summarise(q, mask) for key, mask in split.items()}})
+    targets = reference_targets(args.alpha, args.importance_samples)
+    seconds = time.perf_counter() - start
+
+    result = {"bench": "soft_value_bias", "command": command, "alpha": args.alpha, "points": args.points,
+              "quadrature_nodes_per_axis": args.nodes, "sample_steps": 50, "split_band": list(SPLIT),
+              "min_grad_norm_for_ratio": MIN_GRAD, "rows": rows, "targets": targets, "seconds": round(seconds, 1),
+              "torch": torch.__version__, "device": device_name(torch.device("cpu")),
+              "threads": torch.get_num_threads(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+    print(f"alpha {args.alpha:g}, {args.points} points per level from p_t; split = posterior mass on the upper "
+          f"modes in [{SPLIT[0]}, {SPLIT[1]}]; |gV| = mean |grad V|; ratio = mean |grad r(E)| / |grad V|")
+    header = (f"{'task':11s}{'t':>5s}{'a_t':>8s} | {'|V-rE|':>7s}{'rE-V':>7s}{'|gV|':>7s}{'ratio':>7s}{'cos':>7s} | "
+              f"{'n':>5s}{'|V-rE|':>7s}{'rE-V':>7s}{'ratio':>7s}{'cos':>7s}")
+    print(f"{'':24s} | {'all points':^35s} | {'split points':^33s}")
+    print(header)
+    for row in rows:
+        every, part = row["all"], row["split_upper"]
+        line = (f"{row['task']:11s}{row['t']:5d}{row['alpha_cumprod']:8.4f} | {every['mean_abs_gap']:7.3f}"
+                f"{every['mean_gap_r_e_minus_v']:7.3f}{every['mean_grad_norm_v']:7.3f}{every['mean_grad_ratio']:7.2f}"
+                f"{every['mean_cosine']:7.3f} | "
+                f"{part['n']:5d}")
+        if part["n"]:
+            line += (f"{part['mean_abs_gap']:7.3f}{part['mean_gap_r_e_minus_v']:7.3f}{part['mean_grad_ratio']:7.2f}"
+                     f"{part['mean_cosine']:7.3f}")
+        print(line)
+    for name, target in targets.items():
+        print(f"p* of {name} (alpha {args.alpha:g}): E[r] {target['expected_reward']:.3f}, mode weights "
+              f"{' '.join(f'{w:.3f}' for w in target['mode_weights'])} (upper {target['upper_modes_mass']:.3f}, "
+              f"boundary {target['boundary_modes_mass']:.3f}, lower {target['lower_modes_mass']:.3f})")
+    print(f"{seconds:.1f} s; written to {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
