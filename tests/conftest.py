@@ -27,3 +27,13 @@ def backend(request):
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """For 2-D tasks (`pytestmark = pytest.mark.usefixtures("one_thread")`): their batches are far too small for
+    intra-op threads, which only spin and stall when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

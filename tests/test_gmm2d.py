@@ -15,14 +15,7 @@ from sqdf_fast.train import run
 BASE = gmm2d.ring_mixture()
 ALPHAS = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 1).alphas_cumprod.double()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2-D batches are far too small for intra-op threads, which only spin and stall when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(task: str, **overrides) -> config.TrainConfig:

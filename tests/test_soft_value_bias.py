@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = gmm2d.ring_mixture()
 ALPHAS = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 1).alphas_cumprod.double()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
