@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
     return parser
 

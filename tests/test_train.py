@@ -149,6 +149,7 @@ def test_task_and_method_defaults_yield_to_explicit_options():
     assert (gmm.alpha, gmm.target_alpha, gmm.sample_steps) == (0.0175, 1.0, 50)
     assert config.parse(["--task", "gmm2d", "--method", "draft-kl", "--alpha", "0.5"])[0].alpha == 0.5
     assert config.parse(["--task", "gmm2d"])[0].target_alpha is None   # SQDF's target follows its own alpha
+    assert config.parse(["--task", "gmm2d", "--target-alpha", "0.5"])[0].target_alpha == 0.5   # a float, not "0.5"
 
 
 def test_short_run_raises_reward(tmp_path):
