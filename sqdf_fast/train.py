@@ -236,12 +236,13 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
     reward = rewards.build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts,
                                   task_reward=task.reward, device=device)
-    if isinstance(task.reward, Checkpointed):
-        task.reward.fn = reward   # the task's checkpointing switch (checkpoint_reward) applies to any reward
-    else:
-        task.reward = reward
-    if isinstance(reward, torch.nn.Module) and all(reward is not m for m in task.frozen):
-        task.frozen.append(reward)   # moves with the task's other frozen networks
+    if reward is not task.reward:   # --reward replaces the task's own
+        if isinstance(task.reward, Checkpointed):
+            task.reward.fn = reward   # the task's checkpointing switch (checkpoint_reward) applies to it too
+        else:
+            task.reward = reward
+        if isinstance(reward, torch.nn.Module) and all(reward is not m for m in task.frozen):
+            task.frozen.append(reward)   # moves with the task's other frozen networks
     task = task.to(device)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)

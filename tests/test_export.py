@@ -14,11 +14,11 @@ PROMPT = "a photo of a red fox"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny SD pipeline and a 2-step run on it, LoRA alpha != rank so the exported scale matters."""
+    """A tiny SD pipeline and a 2-step run on it with the task's own reward, LoRA alpha != rank so the exported
+    scale matters."""
     root = tmp_path_factory.mktemp("export")
     model = make_tiny_pipeline(root / "pipeline")
-    cfg = tiny_sd_config(model, root / "run", steps=2, lr=0.05, lora_rank=4, lora_alpha=8.0,
-                         reward="rewards_for_tests:image_mean")
+    cfg = tiny_sd_config(model, root / "run", steps=2, lr=0.05, lora_rank=4, lora_alpha=8.0)
     run(cfg)
     return model, cfg, root / "run"
 
