@@ -110,3 +110,22 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter weights do not fit the model: unexpected keys {unexpected[:3]}...")
+
+
+def copy_adapter_in_place(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load policy adapter weights by copying INTO the existing parameters (`copy_`, cast to each parameter's dtype
+    and device): every parameter keeps its storage, so a captured CUDA graph of the model (sqdf_fast.graphs) sees the
+    new weights on its next replay. `state` has `adapter_state_dict`'s keys; ValueError on a missing or unexpected
+    key or a shape mismatch (nothing is copied then)."""
+    current = get_peft_model_state_dict(model, adapter_name=POLICY)   # tensors sharing the parameters' storage
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"adapter weights do not fit the model: missing keys {missing[:3]}, unexpected keys "
+                         f"{unexpected[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ValueError(f"adapter weights do not fit the model: {key} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(current[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            current[key].copy_(value)

@@ -43,6 +43,9 @@ class TrainConfig:
     sample_steps: int = option(20, "sampling", "DDIM steps T per trajectory")
     eta: float = option(1.0, "sampling", "DDIM stochasticity (> 0: the policy is Gaussian with sigma_j ~ eta)")
     guidance: float = option(1.0, "sampling", "classifier-free guidance w of rollouts, policy and reference")
+    cuda_graphs: bool = option(False, "sampling", "capture the training rollouts (collect) as CUDA graphs, one per "
+                               "batch size, replayed with new inputs; valid across in-place LoRA updates; no effect "
+                               "off CUDA (sqdf_fast.graphs)")
     # method
     alpha: float = option(2.0, "method", "KL coefficient on the method's per-pixel KL scale: alpha * 2/d per nat "
                           "of true KL")

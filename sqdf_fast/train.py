@@ -40,6 +40,7 @@ from sqdf_fast.distributed import (
     to_device,
 )
 from sqdf_fast.export import save_diffusers_lora
+from sqdf_fast.graphs import method_rollout
 from sqdf_fast.memory import Checkpointed
 from sqdf_fast.method import SQDF, make_method, sample_steps
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
@@ -119,7 +120,7 @@ def collect(method: SQDF, n: int, cfg: config.TrainConfig, generator: torch.Gene
     task = method.task
     cond = task.sample_conditions(n, generator)
     x_T = torch.randn((n, *task.sample_shape), generator=generator, device=generator.device)
-    states, x0, _ = rollout(method.policy_eps, method.schedule, x_T, cond, cfg.eta, generator)
+    states, x0, _ = method_rollout(method, cfg)(x_T, cond, generator)   # eager unless cfg.cuda_graphs on CUDA
     with torch.no_grad():
         images = task.decode(x0)
         reward = task.reward(images, cond)

@@ -18,6 +18,7 @@ Every SD test reuses these; import them from tests (tests/ is on sys.path under 
   kohya's keys (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`), the published LCM-LoRA's format.
 - `tiny_sd_config(folder, out, **overrides)` is a validated TrainConfig for `--task sd` on such a folder with tiny
   sampling, batch and evaluation sizes.
+The networks come from `sqdf_fast.tasks.sd_tiny` (also used by bench/rollout.py --tiny).
 Building both takes about a second; use a module- or session-scoped fixture around them.
 """
 from __future__ import annotations
@@ -27,27 +28,20 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sqdf_fast import config
 from sqdf_fast.tasks.sd import SD_SCHEDULER_CONFIG, byte_level_vocab, random_lora_state_dict
+from sqdf_fast.tasks.sd_tiny import (  # noqa: F401 (re-exported for the tests)
+    TINY_LATENT,
+    TINY_RESOLUTION,
+    TINY_TEXT_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    tiny_networks,
+)
 
-TINY_RESOLUTION = 64
-TINY_LATENT = 8
-TINY_UNET_CONFIG = dict(
-    sample_size=TINY_LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-)
-TINY_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(8, 8, 16, 16),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-    sample_size=TINY_RESOLUTION, scaling_factor=0.18215,
-)
-TINY_TEXT_CONFIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=32, projection_dim=32, hidden_act="quick_gelu")
 TINY_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]   # attention and resnet convs
 
 
@@ -64,15 +58,10 @@ def write_tokenizer(folder: Path) -> None:
 def make_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     """A tiny SD pipeline folder (layout in the module docstring), random weights from `seed`."""
     folder = Path(folder)
-    vocab = byte_level_vocab()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(folder / "unet")
-        AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(folder / "vae")
-        text_config = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
-                                     eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-                                     **TINY_TEXT_CONFIG)
-        CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+    unet, vae, text_encoder = tiny_networks(seed)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
     write_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     scheduler = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **SD_SCHEDULER_CONFIG}   # as SD ships it
