@@ -42,7 +42,9 @@ def tiny_networks(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, C
 
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Pipeline:
     """The tiny pipeline as `sqdf_fast.tasks.sd.build_task` takes it (frozen, eval mode, in `dtype`)."""
-    unet, vae, text_encoder = (m.to(dtype).requires_grad_(False).eval() for m in tiny_networks(seed))
+    networks = tiny_networks(seed)   # built in float32: cast only when asked (diffusers warns on any dtype cast)
+    unet, vae, text_encoder = ((m if dtype == torch.float32 else m.to(dtype)).requires_grad_(False).eval()
+                               for m in networks)
     tokenizer = byte_level_tokenizer()
     tokenizer.model_max_length = TINY_TEXT_CONFIG["max_position_embeddings"]
     return Pipeline(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG))
