@@ -1,28 +1,17 @@
 """bench/kernels.py on a tiny CPU configuration, and bench/plot_kernels.py on its rows (a few seconds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from bench_scripts import ROOT, load_bench
 
 from sqdf_fast import ops
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"op", "impl", "mode", "shape", "dtype", "ms", "min_ms", "repeats", "gbps", "bytes", "device", "backend",
         "torch", "triton", "timestamp", "command", "run_id", "pct_copy_bw", "copy_gbps"}
-
-
-def load_bench(name: str):
-    """A bench/ script as a module (bench/ is not a package; `kernels` would clash with the kernels/ package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bytes_moved_counts_each_tensor_once():

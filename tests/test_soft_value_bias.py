@@ -3,18 +3,15 @@ against the closed form (quadratic reward) and posterior sampling (ring reward),
 small noise; the script at tiny sizes (a few seconds in all)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import gmm2d
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = gmm2d.ring_mixture()
 ALPHAS = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 1).alphas_cumprod.double()
 
@@ -23,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_soft_value_bias", ROOT / "bench" / "soft_value_bias.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("soft_value_bias")
 
 
 def points_from_marginal(n: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
