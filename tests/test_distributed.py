@@ -196,7 +196,7 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
     return adapter_state_dict(task.unet), {"row": row, "base": base, "final": final}
 
 
-def test_two_ranks_match_one_process_on_the_same_global_batch(runs):
+def test_two_ranks_match_one_process_on_the_same_global_batch(runs, one_thread):
     """The 2-rank run after one step equals one process computing the same global batch.
 
     Why this comparison: both ranks' streams come from their own seeds, so no single-process run of the trainer
@@ -218,7 +218,10 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(runs):
     moved = max(float((adapter[k] - v).abs().max()) for k, v in adapter_state_dict_at_init(cfg).items())
     assert moved > 0.5 * cfg.lr   # the step is a real one
     for key in adapter:
-        torch.testing.assert_close(got[key], adapter[key], rtol=0, atol=1e-6 * cfg.lr / 1e-3)
+        # Adam's first step is about lr * g / (|g| + eps): where a gradient element is near 0, float rounding in g
+        # moves it by a visible fraction of lr (3.4e-3 lr seen at 2 threads), while a missing all-reduce moves it
+        # by ~lr; the reference runs on one thread, as the launched ranks do
+        torch.testing.assert_close(got[key], adapter[key], rtol=0, atol=2e-2 * cfg.lr)
     rows = runs["first_step"]["rows"]
     train_row = next(r for r in rows if r["step"] == 1 and "loss" in r)
     for key, value in expected["row"].items():
