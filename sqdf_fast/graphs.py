@@ -168,6 +168,6 @@ def method_rollout(method, cfg) -> GraphRollout:
     sampler = getattr(method, "_graph_rollout", None)
     if sampler is None:
         sampler = GraphRollout(method.policy_eps, method.schedule, cfg.eta, modules=[method.task.unet],
-                               enabled=bool(getattr(cfg, "cuda_graphs", False)))
+                               enabled=cfg.cuda_graphs)
         method._graph_rollout = sampler
     return sampler

@@ -100,7 +100,7 @@ def measure(base: nn.Module, cm: ConsistencyModel, classifier: nn.Module, evalua
     x0, cond = images[idx], labels[idx]
     denoiser = lambda x, t, c: guided_eps(lambda *a: digits.unet_eps(base, *a), x, t, c,
                                           torch.full_like(c, digits.NULL_CLASS), guidance)
-    reward = digits.reward_fn(classifier)
+    reward = digits.BoldnessReward(classifier)
     real = {c: evaluator.features(images[labels == c]) for c in range(digits.NUM_CLASSES)}
     by_noise = []
     steps = schedule.num_steps

@@ -45,7 +45,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as checkpoint_call
+
+from sqdf_fast.memory import Checkpointed
 
 Reward = Callable[[Tensor, Tensor], Tensor]
 
@@ -116,9 +117,7 @@ class FrozenReward(nn.Module):
 
     def forward(self, images: Tensor, cond: Tensor) -> Tensor:
         self.check_range(images)
-        if self.checkpoint and torch.is_grad_enabled() and images.requires_grad:
-            return checkpoint_call(self.score, images, cond, use_reentrant=False)
-        return self.score(images, cond)
+        return Checkpointed(self.score, self.checkpoint)(images, cond)
 
 
 class AestheticHead(nn.Module):
@@ -342,7 +341,7 @@ def load_digits(weights: str | Path | None) -> nn.Module:
     from sqdf_fast.tasks import digits
     check_weights("digits", weights)
     folder = Path(weights) if weights is not None else digits.WEIGHTS_DIR
-    return digits.reward_fn(digits.load_weights(digits.BoldnessClassifier(), folder / "reward.safetensors"))
+    return digits.BoldnessReward(digits.load_weights(digits.BoldnessClassifier(), folder / "reward.safetensors"))
 
 
 def is_known(spec: str | None) -> bool:

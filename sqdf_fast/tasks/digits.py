@@ -135,10 +135,6 @@ class BoldnessReward(nn.Module):
         return F.logsigmoid(self.classifier(images))
 
 
-def reward_fn(classifier: BoldnessClassifier) -> BoldnessReward:
-    return BoldnessReward(classifier)
-
-
 def make_task(cfg) -> Task:
     weights = check_weights_dir(cfg.model or WEIGHTS_DIR)
     unet = load_weights(build_unet(), weights / "base_unet.safetensors")
@@ -162,7 +158,7 @@ def make_task(cfg) -> Task:
         sample_conditions=lambda n, generator: torch.randint(0, NUM_CLASSES, (n,), generator=generator,
                                                              device=generator.device),
         null_condition=lambda cond: torch.full_like(cond, NULL_CLASS),
-        reward=reward_fn(classifier), decode=lambda x0: x0, lora_targets=LORA_TARGETS,
+        reward=BoldnessReward(classifier), decode=lambda x0: x0, lora_targets=LORA_TARGETS,
         consistency=consistency, features=evaluator.features, real_features=real_features,
         eval_conditions=lambda per_class: torch.arange(NUM_CLASSES).repeat_interleave(per_class),
         frozen=[consistency, classifier, evaluator],
