@@ -31,9 +31,9 @@ import torch
 from sqdf_fast import config, ops
 from sqdf_fast.adapters import add_policy_lora
 from sqdf_fast.memory import parameter_bytes, saved_tensor_bytes
-from sqdf_fast.method import SQDF
+from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.schedule import DDIMSchedule
-from sqdf_fast.tasks import resolve
+from sqdf_fast.tasks import build
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_memory.json"
 # (estimator, decoder, reward): none, each alone, all three
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     config.validate(cfg)
     torch.manual_seed(0)
     start = time.perf_counter()
-    task = resolve(cfg.task)(cfg)
+    task = build(cfg, torch.device("cpu"))
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     build_s = time.perf_counter() - start
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps)

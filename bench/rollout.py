@@ -48,7 +48,7 @@ from sqdf_fast import config, ops  # noqa: E402
 from sqdf_fast.adapters import POLICY, add_policy_lora  # noqa: E402
 from sqdf_fast.graphs import GraphRollout  # noqa: E402
 from sqdf_fast.info import device_name, version  # noqa: E402
-from sqdf_fast.method import Method  # noqa: E402
+from sqdf_fast.methods import Method  # noqa: E402
 from sqdf_fast.schedule import DDIMSchedule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.jsonl"

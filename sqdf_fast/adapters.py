@@ -34,7 +34,7 @@ def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: floa
         raise ValueError(f"lora targets {targets} match no module of {type(model).__name__}")
     # peft's injection re-activates (and makes trainable) whatever adapters were active before: set the state
     # explicitly, then freeze everything but the policy
-    _activate(_tuner_layers(model), [POLICY])
+    activate_adapters(tuner_layers(model), [POLICY])
     model.requires_grad_(False)
     for p in params:
         p.data = p.data.float()
@@ -42,7 +42,8 @@ def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: floa
     return params
 
 
-def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """Every peft adapter layer of `model` (the layers whose active adapters `activate_adapters` sets)."""
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -58,26 +59,27 @@ def _requires_grad_kept(layers: list[BaseTunerLayer]):
             p.requires_grad_(flag)
 
 
-def _activate(layers: list[BaseTunerLayer], names: list[str]) -> None:
-    """Make `names` the active adapters of every layer (a layer without them falls through to its base layer)."""
+def activate_adapters(layers: list[BaseTunerLayer], names: list[str]) -> None:
+    """Make `names` the active adapters of every layer (a layer without them falls through to its base layer);
+    every requires_grad flag is kept (peft's set_adapter would make the active adapters trainable)."""
     with _requires_grad_kept(layers):
         for layer in layers:
             layer.set_adapter(names)
 
 
 def has_adapter(model: nn.Module, name: str) -> bool:
-    return any(name in getattr(layer, attr) for layer in _tuner_layers(model) for attr in layer.adapter_layer_names)
+    return any(name in getattr(layer, attr) for layer in tuner_layers(model) for attr in layer.adapter_layer_names)
 
 
 @contextmanager
 def only_adapter(model: nn.Module, name: str):
     """Run the model with adapter `name` alone active (e.g. a frozen consistency LoRA while the policy LoRA sits on
     the same layers); the previous active adapters and every requires_grad flag are restored on exit."""
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     if not has_adapter(model, name):
         raise ValueError(f"adapter {name!r}: {type(model).__name__} has no such adapter")
     previous = [list(layer.active_adapters) for layer in layers]
-    _activate(layers, [name])
+    activate_adapters(layers, [name])
     try:
         yield model
     finally:
@@ -89,7 +91,7 @@ def only_adapter(model: nn.Module, name: str):
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the base model: every adapter layer falls through to its frozen base layer."""
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     with _requires_grad_kept(layers):
         for layer in layers:
             layer.enable_adapters(False)

@@ -27,8 +27,14 @@ def boundary_scalings(t: Tensor) -> tuple[Tensor, Tensor]:
     return c_skip, c_out
 
 
+def one_step_x0(x: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat from the network's epsilon `eps` at (x_t, t)."""
+    return ops.consistency_x0(x, eps, alphas_cumprod[t], *boundary_scalings(t))
+
+
 class ConsistencyModel(nn.Module):
-    """Wraps an epsilon network `eps_fn(net, x, t, cond)`; forward(x, t, cond) -> x0 in one step."""
+    """A consistency model with its own network `net` (trained in place by `distill`; a deep copy is its EMA target):
+    forward(x, t, cond) -> x0 in one step from the epsilon `eps_fn(net, x, t, cond)`."""
 
     def __init__(self, net: nn.Module, eps_fn: Callable, alphas_cumprod: Tensor):
         super().__init__()
@@ -37,8 +43,7 @@ class ConsistencyModel(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        eps = self.eps_fn(self.net, x, t, cond)
-        return ops.consistency_x0(x, eps, self.alphas_cumprod[t], *boundary_scalings(t))
+        return one_step_x0(x, self.eps_fn(self.net, x, t, cond), t, self.alphas_cumprod)
 
 
 def distill(teacher_eps: Callable[[Tensor, Tensor, Tensor], Tensor], student: ConsistencyModel, data: Tensor,

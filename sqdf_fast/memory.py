@@ -52,7 +52,8 @@ def parameter_bytes(modules: Iterable[nn.Module]) -> int:
 class Checkpointed:
     """`fn`, gradient-checkpointed (its activations recomputed in the backward pass instead of kept) while `enabled`
     and gradients are being recorded. A task wraps its decoder and reward in it; `fn` and `enabled` may be changed
-    after the task is built (the trainer puts a `--reward` into `fn`; bench/checkpoint_memory.py flips `enabled`)."""
+    after the task's factory made it (`Task.replace_reward` puts a `--reward` into `fn`; bench/checkpoint_memory.py
+    flips `enabled`)."""
 
     def __init__(self, fn: Callable, enabled: bool):
         self.fn, self.enabled = fn, enabled

@@ -4,17 +4,16 @@ The interface. A reward is a callable `reward(images, cond) -> (B,)` float32, di
 - `images`: (B, 3, H, W) floats in **[0, 1]** (what a VAE-decoding task returns after its one `x / 2 + 0.5`). The
   image rewards here do their own CLIP preprocessing (resize, crop, mean/std normalisation) exactly once, inside
   the reward, through `clip_preprocess`. The authors' code maps [0, 1] images through `x / 2 + 0.5` a second time,
-  so their rewards see washed-out images in [0.5, 1] (sqdf-method.md §11.1); that is not replicated. A task's own
+  so their rewards see washed-out images in [0.5, 1] (docs/method.md §11.1); that is not replicated. A task's own
   reward (e.g. digits, whose images are in [-1, 1]) takes images as that task's `decode` returns them.
 - `cond`: (B,) conditions as the task draws them; for text-conditioned tasks long indices into the task's
   `prompts` list.
 
-Built-in rewards are frozen `nn.Module`s in eval mode (requires_grad False), so the trainer moves them to the
-device with the task's other frozen networks. Each has a `checkpoint` attribute: when True and a gradient is
-needed, its forward runs under `torch.utils.checkpoint` (the CLIP activations are recomputed in the backward pass
-instead of being kept); `score(images, cond)` is the plain forward, for callers that wrap it themselves.
+Built-in rewards are frozen `nn.Module`s in eval mode (requires_grad False), so they move to the device with the
+task's other frozen networks. Gradient checkpointing is the task's: an sd task runs whatever reward it has through
+`sqdf_fast.memory.Checkpointed` (`checkpoint_reward`).
 
-Names for `build_reward` (the trainer's `--reward`, with `--reward-weights PATH`):
+Names for `build_reward` (`--reward`, with `--reward-weights PATH`; `sqdf_fast.tasks.build` resolves it):
 - unset or `task`: the task's own reward;
 - `digits`: the digits task's boldness reward log p(bold | x) (images (B, 1, 16, 16) in [-1, 1]), from
   `reward_weights` (a digits weights folder holding reward.safetensors) or the shipped weights;
@@ -45,8 +44,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from sqdf_fast.memory import Checkpointed
 
 Reward = Callable[[Tensor, Tensor], Tensor]
 
@@ -85,11 +82,11 @@ def clip_preprocess(images: Tensor, size: int = 224) -> Tensor:
 
 
 class FrozenReward(nn.Module):
-    """A reward network: frozen, always in eval mode, optionally checkpointed. Subclasses implement `score`."""
+    """A reward network: frozen, always in eval mode, checking its images' range once. Subclasses implement
+    `score`."""
 
-    def __init__(self, checkpoint: bool = False):
+    def __init__(self):
         super().__init__()
-        self.checkpoint = checkpoint
         self.range_checked = False
 
     def freeze(self) -> "FrozenReward":
@@ -117,7 +114,7 @@ class FrozenReward(nn.Module):
 
     def forward(self, images: Tensor, cond: Tensor) -> Tensor:
         self.check_range(images)
-        return Checkpointed(self.score, self.checkpoint)(images, cond)
+        return self.score(images, cond)
 
 
 class AestheticHead(nn.Module):
@@ -145,8 +142,8 @@ def at_least_float32(x: Tensor) -> Tensor:
 class AestheticReward(FrozenReward):
     """LAION aesthetic score: head(normalise(CLIP image embedding of clip_preprocess(images)))."""
 
-    def __init__(self, vision: nn.Module, head: AestheticHead, checkpoint: bool = False):
-        super().__init__(checkpoint)
+    def __init__(self, vision: nn.Module, head: AestheticHead):
+        super().__init__()
         self.vision, self.head = vision, head
         self.size = vision.config.image_size
         self.freeze()
@@ -162,8 +159,8 @@ class AestheticReward(FrozenReward):
 class ClipScoreReward(FrozenReward):
     """scale x cos(CLIP image embedding, CLIP text embedding of prompt cond); text embeddings precomputed."""
 
-    def __init__(self, vision: nn.Module, text_embeds: Tensor, scale: float = 100.0, checkpoint: bool = False):
-        super().__init__(checkpoint)
+    def __init__(self, vision: nn.Module, text_embeds: Tensor, scale: float = 100.0):
+        super().__init__()
         self.vision, self.scale = vision, scale
         self.size = vision.config.image_size
         self.register_buffer("text_embeds", normalized(text_embeds.to(self.dtype)), persistent=False)
@@ -301,13 +298,13 @@ def load_vision(folder: Path) -> nn.Module:
     return load_pretrained(CLIPVisionModelWithProjection, folder, clip_configs(folder)[0])
 
 
-def load_aesthetic(weights: str | Path, checkpoint: bool = False) -> AestheticReward:
+def load_aesthetic(weights: str | Path) -> AestheticReward:
     check_weights("aesthetic", weights)
     folder, path = clip_folder(weights), head_file(weights)
     state = load_head_state(path)
     head = AestheticHead(check_head_state(state, path))
     head.load_state_dict({k: v.float() for k, v in state.items()})
-    return AestheticReward(load_vision(folder), head, checkpoint)
+    return AestheticReward(load_vision(folder), head)
 
 
 @torch.no_grad()
@@ -327,14 +324,14 @@ def text_embeddings(folder: Path, prompts: list[str], device: torch.device | str
     return torch.cat(embeds)[torch.tensor([row[p] for p in prompts])]
 
 
-def load_clip_score(weights: str | Path, prompts: list[str] | None, checkpoint: bool = False,
-                    scale: float = 100.0, device: torch.device | str = "cpu") -> ClipScoreReward:
+def load_clip_score(weights: str | Path, prompts: list[str] | None, scale: float = 100.0,
+                    device: torch.device | str = "cpu") -> ClipScoreReward:
     if not prompts:
         raise ValueError("reward='clip-score' needs the task's prompts (Task.prompts): this task has none")
     check_weights("clip-score", weights)
     folder = clip_folder(weights)
     vision = load_vision(folder)
-    return ClipScoreReward(vision, text_embeddings(folder, prompts, device), scale, checkpoint)
+    return ClipScoreReward(vision, text_embeddings(folder, prompts, device), scale)
 
 
 def load_digits(weights: str | Path | None) -> nn.Module:
@@ -349,12 +346,11 @@ def is_known(spec: str | None) -> bool:
 
 
 def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[str] | None = None,
-                 task_reward: Reward | None = None, checkpoint: bool = False,
-                 device: torch.device | str = "cpu") -> Reward:
+                 task_reward: Reward | None = None, device: torch.device | str = "cpu") -> Reward:
     """The reward named by `spec`: None or "task" (the task's own, `task_reward`), "digits", "aesthetic",
     "clip-score" (needs `prompts`), or "module:function". `weights`: the reward_weights folder (module docstring);
-    `checkpoint`: gradient checkpointing of the built-in networks; `device`: where clip-score encodes its prompts
-    (the reward itself is returned on the CPU, to be moved with the task's frozen networks)."""
+    `device`: where clip-score encodes its prompts (the reward itself is returned on the CPU, to be moved with the
+    task's frozen networks)."""
     from sqdf_fast.tasks import load_callable
     if spec is None or spec == "task":
         if task_reward is None:
@@ -363,9 +359,9 @@ def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[
     if spec == "digits":
         return load_digits(weights)
     if spec == "aesthetic":
-        return load_aesthetic(weights, checkpoint)
+        return load_aesthetic(weights)
     if spec == "clip-score":
-        return load_clip_score(weights, prompts, checkpoint, device=device)
+        return load_clip_score(weights, prompts, device=device)
     if ":" in spec:
         return load_callable(spec, "reward")
     raise ValueError(f"reward={spec!r}: unknown reward; built-in: {', '.join(BUILTIN_REWARDS)}, or module:function")

@@ -101,21 +101,21 @@ def test_denoiser_is_the_closed_form_with_the_adapter_off():
     cond = torch.zeros(128, dtype=torch.long)
     exact = gmm2d.eps_exact(x.double(), BASE, ALPHAS[t]).float()
     assert torch.equal(task.unet.residual(x, t), torch.zeros_like(x))
-    assert torch.equal(task.eps(task.unet, x, t, cond), exact)
+    assert torch.equal(task.eps(x, t, cond), exact)
     params = add_policy_lora(task.unet, task.lora_targets, 4, 4.0, seed=0)
     optimizer = torch.optim.Adam(params, lr=1e-2)
     goal = exact + torch.tensor([0.5, -0.3])
     for step in range(20):
         optimizer.zero_grad()
-        (task.eps(task.unet, x, t, cond) - goal).square().mean().backward()
+        (task.eps(x, t, cond) - goal).square().mean().backward()
         if step == 2:   # every B and the output layer's base weight start at zero: all adapters learn by step 3
             assert all(float(p.grad.abs().max()) > 0 for p in params)
         optimizer.step()
     with torch.no_grad():
-        moved = task.eps(task.unet, x, t, cond)
+        moved = task.eps(x, t, cond)
     assert float((moved - goal).square().mean()) < 0.5 * float((exact - goal).square().mean())
     with adapters_disabled(task.unet):
-        assert torch.equal(task.eps(task.unet, x, t, cond), exact)
+        assert torch.equal(task.eps(x, t, cond), exact)
 
 
 def test_consistency_is_the_posterior_mean_and_survives_any_timestep():
@@ -174,7 +174,7 @@ def test_ddim_sampling_of_the_base_reproduces_p0():
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps)
     generator = torch.Generator().manual_seed(8)
     n = 4096
-    denoiser = lambda x, t, cond: GuidedEps(task.eps(task.unet, x, t, cond), None, 1.0)
+    denoiser = lambda x, t, cond: GuidedEps(task.eps(x, t, cond), None, 1.0)
     _, x0, _ = rollout(denoiser, schedule, torch.randn((n, 2), generator=generator),
                        task.sample_conditions(n, generator), cfg.eta, generator)
     weights = torch.bincount(gmm2d.assign_modes(x0, BASE), minlength=gmm2d.NUM_MODES).double() / n

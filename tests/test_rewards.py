@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModel
 
-from sqdf_fast import config
+from sqdf_fast import config, tasks
+from sqdf_fast.memory import Checkpointed
 from sqdf_fast.rewards import CLIP_MEAN, CLIP_STD, build_reward, clip_preprocess
 from sqdf_fast.train import main, run
 
@@ -151,8 +152,7 @@ def test_aesthetic_gradient_and_checkpointing(weights):
     pixel_gradcheck(reward, images_01(2, 24, 40), cond)   # non-square: through the resize and the crop
     images = images_01(2, 24, 40).requires_grad_(True)
     (plain,) = torch.autograd.grad(reward(images, cond).sum(), images)
-    reward.checkpoint = True
-    (checkpointed,) = torch.autograd.grad(reward(images, cond).sum(), images)
+    (checkpointed,) = torch.autograd.grad(Checkpointed(reward, True)(images, cond).sum(), images)   # as the sd task
     torch.testing.assert_close(checkpointed, plain)
     assert plain.abs().sum() > 0
 
@@ -230,6 +230,28 @@ def test_module_function_reward():
     assert build_reward("rewards_for_tests:always_nan") is rewards_for_tests.always_nan
     with pytest.raises(ValueError, match="reward: cannot load 'rewards_for_tests:nope'"):
         build_reward("rewards_for_tests:nope")
+
+
+# --- tasks.build: the reward resolved into the task ---
+
+def test_build_puts_the_named_reward_into_the_task():
+    import rewards_for_tests
+
+    from sqdf_fast.tasks.digits import BoldnessReward
+    own = tasks.build(config.TrainConfig(), torch.device("cpu"))
+    assert isinstance(own.reward, BoldnessReward) and own.reward.classifier in own.frozen
+    task = tasks.build(config.TrainConfig(reward="digits"), torch.device("cpu"))
+    assert isinstance(task.reward, BoldnessReward) and task.reward.classifier not in task.frozen
+    assert task.frozen[-1] is task.reward and len(task.frozen) == len(own.frozen) + 1   # moves with the task
+    plain = tasks.build(config.TrainConfig(reward="rewards_for_tests:image_mean"), torch.device("cpu"))
+    assert plain.reward is rewards_for_tests.image_mean and len(plain.frozen) == len(own.frozen)
+
+
+def test_build_checks_what_the_metrics_need():
+    cfg = config.TrainConfig(task="rewards_for_tests:digits_without_features")
+    with pytest.raises(ValueError, match="task='rewards_for_tests:digits_without_features' provides no features: "
+                                         "the metrics need them"):
+        tasks.build(cfg, torch.device("cpu"))
 
 
 # --- errors ---

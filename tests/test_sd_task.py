@@ -23,7 +23,7 @@ from sqdf_fast import checkpoint, config, ops
 from sqdf_fast.adapters import POLICY, adapter_state_dict, adapters_disabled, add_policy_lora, only_adapter
 from sqdf_fast.consistency import ConsistencyModel, boundary_scalings
 from sqdf_fast.memory import parameter_bytes, saved_tensor_bytes
-from sqdf_fast.method import SQDF
+from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import sd
 from sqdf_fast.train import run
@@ -162,7 +162,7 @@ def test_reference_policy_and_consistency_on_one_unet(tiny):
         return sd.unet_eps(unet, task.frozen[0], x, t, cond)
 
     with torch.no_grad():
-        torch.testing.assert_close(task.eps(task.unet, x, t, cond), base_eps(base), rtol=0, atol=0)  # lcm inactive
+        torch.testing.assert_close(task.eps(x, t, cond), base_eps(base), rtol=0, atol=0)  # lcm inactive
     params = add_policy_lora(task.unet, task.lora_targets, 4, 4.0, 0)
     randomise_policy(task.unet)
     trainable = {id(p) for p in task.unet.parameters() if p.requires_grad}
@@ -184,19 +184,19 @@ def test_reference_policy_and_consistency_on_one_unet(tiny):
     merged = pipe.unet
 
     with torch.no_grad():
-        policy = task.eps(task.unet, x, t, cond)
+        policy = task.eps(x, t, cond)
         torch.testing.assert_close(policy, base_eps(policy_only), rtol=1e-5, atol=1e-5)
         assert (policy - base_eps(base)).abs().max() > 1e-2   # the policy adapter is on
         with adapters_disabled(task.unet):
-            torch.testing.assert_close(task.eps(task.unet, x, t, cond), base_eps(base), rtol=0, atol=0)
+            torch.testing.assert_close(task.eps(x, t, cond), base_eps(base), rtol=0, atol=0)
         with only_adapter(task.unet, sd.LCM):
-            lcm_eps = task.eps(task.unet, x, t, cond)
+            lcm_eps = task.eps(x, t, cond)
         torch.testing.assert_close(lcm_eps, base_eps(merged), rtol=1e-5, atol=1e-5)
         assert (lcm_eps - base_eps(base)).abs().max() > 1e-2
         alphas = task.consistency.alphas_cumprod
         expected = ops.consistency_x0(x, base_eps(merged), alphas[t], *boundary_scalings(t))
         torch.testing.assert_close(task.consistency(x, t, cond), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(task.eps(task.unet, x, t, cond), policy, rtol=0, atol=0)   # state restored
+        torch.testing.assert_close(task.eps(x, t, cond), policy, rtol=0, atol=0)   # state restored
     assert {id(p) for p in task.unet.parameters() if p.requires_grad} == trainable
     with pytest.raises(ValueError, match="no such adapter"):
         with only_adapter(task.unet, "missing"):
@@ -214,7 +214,7 @@ def test_kohya_lcm_lora_loads_like_diffusers_keys(tiny, tmp_path, alpha):
         task = sd.make_task(tiny_sd_config(model, "unused", consistency=str(source)))
         x, t, cond = inputs(task)
         with torch.no_grad(), only_adapter(task.unet, sd.LCM):
-            outputs[name] = task.eps(task.unet, x, t, cond)
+            outputs[name] = task.eps(x, t, cond)
     layers = [m for m in task.unet.modules() if isinstance(m, BaseTunerLayer)]
     assert len(layers) == len(tiny_lcm_lora_state_dict(model)) // 2
     assert {layer.scaling[sd.LCM] for layer in layers} == {alpha / 4}   # the fixture's rank is 4

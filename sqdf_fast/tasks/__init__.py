@@ -1,7 +1,8 @@
 """Tasks are plug-ins: a base denoiser, an optional consistency model, a reward, an evaluator and conditions.
 
-A task is built by a function `make(cfg) -> Task`. Built-in: `digits`, `gmm2d`, `gmm2d-ring`, `sd`, `sd-random`.
-Your own: `--task my_module:make_task`.
+A task factory is a function `make(cfg) -> Task`. Built-in: `digits`, `gmm2d`, `gmm2d-ring`, `sd`, `sd-random`.
+Your own: `--task my_module:make_task`. `build(cfg, device)` is the one entry point: the factory's task with
+`--reward` resolved into it and every network on the device.
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from sqdf_fast.memory import Checkpointed
+from sqdf_fast.rewards import build_reward
+
 
 @dataclass
 class Task:
     name: str
     unet: nn.Module                       # base epsilon model; the policy is this plus a LoRA adapter
-    eps: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]   # (unet, x, t, cond) -> epsilon
+    # (x, t, cond) -> epsilon of `unet` (bound to that module object: the policy adapter is added to it in place)
+    eps: Callable[[Tensor, Tensor, Tensor], Tensor]
     scheduler_config: dict                # a diffusers DDIMScheduler config (epsilon prediction)
     sample_shape: tuple[int, ...]         # (C, H, W) of x
     sample_conditions: Callable[[int, torch.Generator], Tensor]  # (n, generator) -> cond (n, ...)
@@ -45,6 +50,17 @@ class Task:
         for module in [self.unet, *self.frozen]:
             module.to(device)
         return self
+
+    def replace_reward(self, reward: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Put `reward` in place of the task's own. A task that runs its reward through `Checkpointed` (sd:
+        checkpoint_reward) keeps that wrapper, so its switch applies to the new reward; a reward that is a module
+        joins `frozen`, to move with the task."""
+        if isinstance(self.reward, Checkpointed):
+            self.reward.fn = reward
+        else:
+            self.reward = reward
+        if isinstance(reward, nn.Module) and all(reward is not m for m in self.frozen):
+            self.frozen.append(reward)
 
 
 BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task", "gmm2d": "sqdf_fast.tasks.gmm2d:make_task",
@@ -78,3 +94,18 @@ def resolve(name: str) -> Callable:
         raise ValueError(f"task: unknown task {name!r}; built-in tasks are {sorted(BUILTIN)} "
                          "or give your own as module:function")
     return load_callable(target, "task")
+
+
+def build(cfg, device: torch.device) -> Task:
+    """The complete task of cfg.task on `device`: the factory's task, checked to provide what the metrics need, with
+    cfg.reward (with cfg.reward_weights) in place of its own reward unless that names the task's own (unset or
+    "task"); a reward network moves to the device with the task's other frozen networks."""
+    task = resolve(cfg.task)(cfg)
+    missing = [name for name in ("features", "eval_conditions") if getattr(task, name) is None]
+    if missing:
+        raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
+    reward = build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts, task_reward=task.reward,
+                          device=device)
+    if reward is not task.reward:
+        task.replace_reward(reward)
+    return task.to(device)

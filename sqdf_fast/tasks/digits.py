@@ -11,7 +11,7 @@ Networks, all trained by `python -m sqdf_fast.pretrain` and shipped in `sqdf_fas
 """
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +153,7 @@ def make_task(cfg) -> Task:
         return {int(c): feats[labels.to(device) == c] for c in torch.unique(cond).tolist()}
 
     return Task(
-        name="digits", unet=unet, eps=unet_eps, scheduler_config=SCHEDULER_CONFIG,
+        name="digits", unet=unet, eps=functools.partial(unet_eps, unet), scheduler_config=SCHEDULER_CONFIG,
         sample_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
         sample_conditions=lambda n, generator: torch.randint(0, NUM_CLASSES, (n,), generator=generator,
                                                              device=generator.device),
@@ -163,7 +163,3 @@ def make_task(cfg) -> Task:
         eval_conditions=lambda per_class: torch.arange(NUM_CLASSES).repeat_interleave(per_class),
         frozen=[consistency, classifier, evaluator],
     )
-
-
-def read_report(path: str | Path = WEIGHTS_DIR) -> dict:
-    return json.loads((Path(path) / "pretrain_report.json").read_text())

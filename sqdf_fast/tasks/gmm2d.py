@@ -322,7 +322,7 @@ def _make(name: str, alpha: float, reward: nn.Module, target: Target) -> Task:
     reference = sample(base, REFERENCE_SAMPLES, torch.Generator().manual_seed(2)).float()
     title = f"{name}, target alpha={alpha:g}"
     return Task(
-        name=name, unet=unet, eps=lambda unet, x, t, cond: unet(x, t, cond), scheduler_config=SCHEDULER_CONFIG,
+        name=name, unet=unet, eps=unet, scheduler_config=SCHEDULER_CONFIG,
         sample_shape=(2,),
         sample_conditions=lambda n, generator: torch.zeros(n, dtype=torch.long, device=generator.device),
         null_condition=lambda cond: cond, reward=reward, decode=lambda x0: x0, lora_targets=LORA_TARGETS,

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sqdf_fast.tasks.sd import SD_SCHEDULER_CONFIG, Pipeline, byte_level_tokenizer, byte_level_vocab
+from sqdf_fast.tasks.sd import SD_SCHEDULER_CONFIG, Pipeline, build_task, byte_level_tokenizer, byte_level_vocab
 
 TINY_RESOLUTION = 64
 TINY_LATENT = 8
@@ -53,5 +53,4 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Pipeline
 def tiny_task(cfg, seed: int = 0, dtype: torch.dtype = torch.float32):
     """The `sd` task on the tiny pipeline (colourfulness reward, no consistency model); cfg.resolution should be
     TINY_RESOLUTION (8x8 latents)."""
-    from sqdf_fast.tasks.sd import build_task
     return build_task("sd-tiny", cfg, tiny_pipeline(seed, dtype))
