@@ -1,11 +1,12 @@
 """Triton kernels of the SQDF ops (CUDA; CPU tensors under TRITON_INTERPRET=1, set before triton is imported).
 
-Six launchers with the contract the C++ backend (`sqdf_fast.ops.cpp`) shares; `sqdf_fast.ops.custom` wraps them as
-torch custom ops with autograd. x has shape (B, ...) with D = x.numel() // B; every tensor is contiguous on one
-device with x's shape and dtype (float32, float64, float16, bfloat16), except per-sample values: (B,) tensors of
-the compute dtype ct (float64 for float64 x, float32 otherwise), which the kernels read on the device. eta, w,
-gamma and alpha are Python floats. No launcher synchronises with the device, so they can be captured in a CUDA
-graph once the autotuner has run for the shapes in use.
+Six launchers with the contract the C++ backend (`sqdf_fast.ops.cpp`) shares; the op modules of `sqdf_fast.ops`
+validate their inputs and give them autograd and torch.compile support. x has shape (B, ...) with
+D = x.numel() // B; every tensor is contiguous on one device with x's shape and dtype (float32, float64, float16,
+bfloat16), except per-sample values: (B,) tensors of the compute dtype ct (float64 for float64 x, float32
+otherwise), which the kernels read on the device. eta, w, gamma and alpha are Python floats. No launcher
+synchronises with the device, so they can be captured in a CUDA graph once the autotuner has run for the shapes in
+use.
 
 - guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w)
   -> (x_prev, kl)

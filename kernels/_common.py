@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sqdf_fast.ops.checks import compute_dtype
+
 # TRITON_INTERPRET is read by triton at import time; this module is imported after triton.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -44,8 +46,9 @@ def elementwise(kernel):
 
 
 def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """The compute dtype (torch, triton) of inputs of `dtype`: float64 for float64, float32 otherwise."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """The compute dtype (`sqdf_fast.ops.checks.compute_dtype`) of inputs of `dtype`, as (torch, triton) dtypes."""
+    ct = compute_dtype(dtype)
+    return ct, (tl.float64 if ct == torch.float64 else tl.float32)
 
 
 def batch_dims(x: torch.Tensor) -> tuple[int, int]:

@@ -209,15 +209,15 @@ def test_custom_op_registration(gen, name):
             ops.backend_for("cpu")
         except ValueError as err:
             pytest.skip(str(err))
-    custom = dispatch.backend_ops(name)
     shape, (a, a_prev) = (3, 4, 5), schedule_values(3)
     a, a_prev = a.float(), a_prev.float()
     x, eps_c, eps_u, ref_c, ref_u, noise = (make(gen, shape, torch.float32).requires_grad_() for _ in range(6))
-    torch.library.opcheck(custom.guided_step, (x, eps_c, eps_u, ref_c, ref_u, noise, a, a_prev, 0.7, 2.0))
-    torch.library.opcheck(custom.guided_step, (x, eps_c, None, None, None, None, a, a_prev, 0.7, 1.0))
-    torch.library.opcheck(custom.x0_estimate, (x, eps_c, a, a_prev, a))
+    sqdf = torch.ops.sqdf
+    torch.library.opcheck(sqdf.guided_step, (x, eps_c, eps_u, ref_c, ref_u, noise, a, a_prev, 0.7, 2.0, name))
+    torch.library.opcheck(sqdf.guided_step, (x, eps_c, None, None, None, None, a, a_prev, 0.7, 1.0, name))
+    torch.library.opcheck(sqdf.x0_estimate, (x, eps_c, a, a_prev, a, name))
     reward, kl = (torch.randn(3, generator=gen).requires_grad_() for _ in range(2))
-    torch.library.opcheck(custom.sqdf_loss, (reward, kl, torch.tensor([2.0, 1.0, 0.0]), 0.9, 0.5, None))
+    torch.library.opcheck(sqdf.sqdf_loss, (reward, kl, torch.tensor([2.0, 1.0, 0.0]), 0.9, 0.5, None, name))
 
 
 def test_ops_compile_without_graph_breaks(backend, gen):
@@ -277,11 +277,13 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
 def test_forced_backend_runs_what_was_asked(monkeypatch, gen):
     """SQDF_KERNELS=torch really runs the reference: the C++ and Triton ops are never called."""
     calls = []
-    monkeypatch.setattr(dispatch, "backend_ops", lambda name: calls.append(name) or dispatch.TORCH_OPS)
+    monkeypatch.setattr(dispatch, "launchers", lambda name: calls.append(name))
     monkeypatch.setenv("SQDF_KERNELS", "torch")
     x = make(gen, (2, 3), torch.float32)
     ops.policy_step(x, x, 0.5, 0.6, 1.0, x)
-    assert calls == ["torch"]
+    ops.tweedie_x0(x, x, 0.5)
+    ops.sqdf_loss(x[:, 0], x[:, 1], torch.arange(2), 0.9, 0.1)
+    assert calls == []
 
 
 # bad input on every backend -----------------------------------------------------------------------------------------

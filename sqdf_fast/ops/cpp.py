@@ -4,11 +4,12 @@
 torch headers) when a C++ compiler is present; without one, `available()` is False and `unavailable_reason()`
 says why. The library is loaded on first use.
 
-The launchers share one contract with the Triton backend (`sqdf_fast.kernels`); `sqdf_fast.ops.custom` wraps
-them as torch custom ops with autograd. x has shape (B, ...) with D = x.numel() // B elements per sample; every
-tensor argument is contiguous, on the CPU, with x's shape and dtype (float32, float64, float16, bfloat16), except
-per-sample values: (B,) tensors of the compute dtype ct (float64 for float64 x, float32 otherwise). The kernels
-compute in ct, and their results do not depend on the number of threads.
+The launchers share one contract with the Triton backend (`sqdf_fast.kernels`); the op modules (`guided_step`,
+`x0_estimate`, `loss`) give them autograd and torch.compile support and validate their inputs, so the launchers only
+check, cheaply, what keeps the C code in bounds. x has shape (B, ...) with D = x.numel() // B elements per sample;
+every tensor argument is contiguous, on the CPU, with x's shape and dtype (float32, float64, float16, bfloat16),
+except per-sample values: (B,) tensors of the compute dtype ct (`checks.compute_dtype`: float64 for float64 x,
+float32 otherwise). The kernels compute in ct, and their results do not depend on the number of threads.
 
 - guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w)
   -> (x_prev, kl): the classifier-free-guided DDIM step x_prev = c_x x + c_eps eps + sigma noise, with
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from sqdf_fast.ops.checks import compute_dtype
 
 # Written by setup.py next to where the library would be when the build failed; holds the reason.
 BUILD_FAILED_NOTE = "_sqdf_cpu.build-failed.txt"
@@ -131,16 +134,13 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _ptr(t: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> int | None:
-    """t's data pointer after the checks that keep the C code in bounds; None for None."""
+def _ptr(t: Tensor | None, numel: int, dtype: torch.dtype) -> int | None:
+    """t's data pointer after the checks that keep the C code in bounds (numel contiguous elements of dtype on the
+    CPU, each a cheap attribute read: this runs for every tensor of every call); None for None."""
     if t is None:
         return None
-    if t.shape != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"C++ launcher: expected a contiguous CPU tensor of shape {tuple(shape)} and dtype {dtype}, "
+    if t.dtype is not dtype or t.numel() != numel or not t.is_contiguous() or not t.is_cpu:
+        raise ValueError(f"C++ launcher: expected a contiguous CPU tensor of {numel} elements and dtype {dtype}, "
                          f"got shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}, "
                          f"contiguous={t.is_contiguous()}")
     return t.data_ptr()
@@ -181,12 +181,13 @@ def guided_step_forward(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, 
     lib = _lib()
     code, batch, d = _sizes(x)
     _check_guidance(eps_uncond, eps_ref_cond, eps_ref_uncond)
-    ct, vec = _compute_dtype(x), torch.Size([batch])
-    x_prev = torch.empty(x.shape, dtype=x.dtype)
+    ct, n, dtype = compute_dtype(x.dtype), batch * d, x.dtype
+    x_prev = torch.empty(x.shape, dtype=dtype)
     kl = torch.empty(batch if eps_ref_cond is not None else 0, dtype=ct)
-    _call(lib.sqdf_guided_step_forward, code, batch, d,
-          *(_ptr(t, x.shape, x.dtype) for t in (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise)),
-          _ptr(alpha_t, vec, ct), _ptr(alpha_prev, vec, ct), float(eta), float(w), x_prev.data_ptr(),
+    _call(lib.sqdf_guided_step_forward, code, batch, d, _ptr(x, n, dtype), _ptr(eps_cond, n, dtype),
+          _ptr(eps_uncond, n, dtype), _ptr(eps_ref_cond, n, dtype), _ptr(eps_ref_uncond, n, dtype),
+          _ptr(noise, n, dtype), _ptr(alpha_t, batch, ct), _ptr(alpha_prev, batch, ct), float(eta), float(w),
+          x_prev.data_ptr(),
           _out(kl if eps_ref_cond is not None else None), torch.get_num_threads())
     return x_prev, kl
 
@@ -198,14 +199,15 @@ def guided_step_backward(grad_x_prev: Tensor | None, grad_kl: Tensor | None, eps
     lib = _lib()
     code, batch, d = _sizes(eps_cond)
     _check_guidance(eps_uncond, eps_ref_cond, eps_ref_uncond)
-    ct, vec, shape, dtype = _compute_dtype(eps_cond), torch.Size([batch]), eps_cond.shape, eps_cond.dtype
+    ct, n, dtype = compute_dtype(eps_cond.dtype), batch * d, eps_cond.dtype
     grads = (_empty(eps_cond, need_x), _empty(eps_cond, need_eps),
              _empty(eps_cond, need_eps and eps_uncond is not None),
              _empty(eps_cond, need_ref and eps_ref_cond is not None),
              _empty(eps_cond, need_ref and eps_ref_uncond is not None), _empty(eps_cond, need_noise))
-    _call(lib.sqdf_guided_step_backward, code, batch, d, _ptr(grad_x_prev, shape, dtype), _ptr(grad_kl, vec, ct),
-          *(_ptr(t, shape, dtype) for t in (eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond)),
-          _ptr(alpha_t, vec, ct), _ptr(alpha_prev, vec, ct), float(eta), float(w), *map(_out, grads),
+    _call(lib.sqdf_guided_step_backward, code, batch, d, _ptr(grad_x_prev, n, dtype), _ptr(grad_kl, batch, ct),
+          _ptr(eps_cond, n, dtype), _ptr(eps_uncond, n, dtype), _ptr(eps_ref_cond, n, dtype),
+          _ptr(eps_ref_uncond, n, dtype), _ptr(alpha_t, batch, ct), _ptr(alpha_prev, batch, ct), float(eta), float(w),
+          *map(_out, grads),
           torch.get_num_threads())
     return grads
 
@@ -214,10 +216,10 @@ def x0_estimate_forward(x: Tensor, eps: Tensor, alpha_t: Tensor, c_skip: Tensor 
                         c_out: Tensor | None) -> Tensor:
     lib = _lib()
     code, batch, d = _sizes(x)
-    ct, vec = _compute_dtype(x), torch.Size([batch])
+    ct, n = compute_dtype(x.dtype), batch * d
     x0 = torch.empty(x.shape, dtype=x.dtype)
-    _call(lib.sqdf_x0_estimate_forward, code, batch, d, _ptr(x, x.shape, x.dtype), _ptr(eps, x.shape, x.dtype),
-          _ptr(alpha_t, vec, ct), _ptr(c_skip, vec, ct), _ptr(c_out, vec, ct), x0.data_ptr(),
+    _call(lib.sqdf_x0_estimate_forward, code, batch, d, _ptr(x, n, x.dtype), _ptr(eps, n, x.dtype),
+          _ptr(alpha_t, batch, ct), _ptr(c_skip, batch, ct), _ptr(c_out, batch, ct), x0.data_ptr(),
           torch.get_num_threads())
     return x0
 
@@ -226,10 +228,10 @@ def x0_estimate_backward(grad: Tensor, alpha_t: Tensor, c_skip: Tensor | None, c
                          need_eps: bool) -> tuple[Tensor | None, Tensor | None]:
     lib = _lib()
     code, batch, d = _sizes(grad)
-    ct, vec = _compute_dtype(grad), torch.Size([batch])
+    ct = compute_dtype(grad.dtype)
     grad_x, grad_eps = _empty(grad, need_x), _empty(grad, need_eps)
-    _call(lib.sqdf_x0_estimate_backward, code, batch, d, _ptr(grad, grad.shape, grad.dtype),
-          _ptr(alpha_t, vec, ct), _ptr(c_skip, vec, ct), _ptr(c_out, vec, ct), _out(grad_x), _out(grad_eps),
+    _call(lib.sqdf_x0_estimate_backward, code, batch, d, _ptr(grad, batch * d, grad.dtype),
+          _ptr(alpha_t, batch, ct), _ptr(c_skip, batch, ct), _ptr(c_out, batch, ct), _out(grad_x), _out(grad_eps),
           torch.get_num_threads())
     return grad_x, grad_eps
 
@@ -247,8 +249,8 @@ def sqdf_loss_forward(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha
     code, batch = _loss_sizes(reward)
     loss = torch.empty((), dtype=reward.dtype)
     _call(lib.sqdf_loss_forward, code, batch,
-          *(_ptr(t, reward.shape, reward.dtype) for t in (reward, kl, k)), float(gamma), float(alpha),
-          _ptr(weight, reward.shape, reward.dtype), loss.data_ptr())
+          *(_ptr(t, batch, reward.dtype) for t in (reward, kl, k)), float(gamma), float(alpha),
+          _ptr(weight, batch, reward.dtype), loss.data_ptr())
     return loss
 
 
@@ -258,7 +260,7 @@ def sqdf_loss_backward(grad: Tensor, reward: Tensor, kl: Tensor, k: Tensor, gamm
     lib = _lib()
     code, batch = _loss_sizes(reward)
     grads = (_empty(reward, need_reward), _empty(reward, need_kl), _empty(reward, need_weight and weight is not None))
-    _call(lib.sqdf_loss_backward, code, batch, _ptr(grad.reshape(()), torch.Size([]), reward.dtype),
-          *(_ptr(t, reward.shape, reward.dtype) for t in (reward, kl, k)), float(gamma), float(alpha),
-          _ptr(weight, reward.shape, reward.dtype), *map(_out, grads))
+    _call(lib.sqdf_loss_backward, code, batch, _ptr(grad, 1, reward.dtype),
+          *(_ptr(t, batch, reward.dtype) for t in (reward, kl, k)), float(gamma), float(alpha),
+          _ptr(weight, batch, reward.dtype), *map(_out, grads))
     return grads

@@ -4,36 +4,28 @@
 not there. A non-auto choice comes from `use_backend(name)` (the trainer's `--kernels` option) or else from the
 environment variable SQDF_KERNELS; a choice that cannot run on the tensors' device raises instead of silently
 falling back, so a benchmark or test never measures the wrong thing.
+
+The answer is computed once per (device type, choice, environment) and cached: an op call pays a dict lookup, and
+a change of `use_backend` or SQDF_KERNELS (or TRITON_INTERPRET, which decides whether Triton can run CPU tensors)
+is a different key. Errors are not cached.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from types import SimpleNamespace
+from types import ModuleType
 
 import torch
-
-from sqdf_fast.ops import custom, reference
 
 BACKENDS = ("torch", "cpp", "triton")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "SQDF_KERNELS"
+LAUNCHERS = {"cpp": "sqdf_fast.ops.cpp", "triton": "sqdf_fast.kernels"}  # modules of the six launchers
 
 _override: str | None = None
-
-
-def _torch_guided_step(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w):
-    x_prev, kl = reference.guided_policy_step(x, eps_cond, eps_uncond, w, alpha_t, alpha_prev, eta, noise,
-                                              eps_ref_cond, eps_ref_uncond)
-    return x_prev, (x.new_empty((0,), dtype=alpha_t.dtype) if kl is None else kl.to(alpha_t.dtype))
-
-
-TORCH_OPS = SimpleNamespace(
-    guided_step=_torch_guided_step,
-    x0_estimate=lambda x, eps, alpha_t, c_skip, c_out: reference.consistency_x0(
-        x, eps, alpha_t, 0.0 if c_skip is None else c_skip, 1.0 if c_out is None else c_out),
-    sqdf_loss=reference.sqdf_loss,
-)
+_resolved: dict[tuple, tuple[str, str]] = {}
+_modules: dict[str, ModuleType] = {}
 
 
 def check_choice(name: str, source: str = "kernels") -> str:
@@ -81,37 +73,50 @@ def triton_status(device_type: str) -> tuple[bool, str]:
     return False, "triton runs CPU tensors only in interpreter mode (set TRITON_INTERPRET=1 before importing triton)"
 
 
-def resolve(device: torch.device) -> tuple[str, str]:
-    """(backend, why) for tensors on `device`."""
+def _resolve(device_type: str) -> tuple[str, str]:
     name, source = requested()
     if name == "auto":
-        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device_type)
         if preferred is None:
-            return "torch", f"no fused backend for {device.type} tensors"
-        ok, why = triton_status(device.type) if preferred == "triton" else cpp_status()
+            return "torch", f"no fused backend for {device_type} tensors"
+        ok, why = triton_status(device_type) if preferred == "triton" else cpp_status()
         return (preferred, why) if ok else ("torch", f"{preferred} unavailable: {why}")
     if name == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"{source}=cpp: the C++ backend runs CPU tensors only, got {device.type} tensors")
+        if device_type != "cpu":
+            raise ValueError(f"{source}=cpp: the C++ backend runs CPU tensors only, got {device_type} tensors")
         ok, why = cpp_status()
         if not ok:
             raise ValueError(f"{source}=cpp: {why}")
     elif name == "triton":
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"{source}=triton: Triton runs CUDA tensors, got {device.type} tensors")
-        ok, why = triton_status(device.type)
+        if device_type not in ("cuda", "cpu"):
+            raise ValueError(f"{source}=triton: Triton runs CUDA tensors, got {device_type} tensors")
+        ok, why = triton_status(device_type)
         if not ok:
             raise ValueError(f"{source}=triton: {why}")
     return name, f"requested by {source}"
 
 
-OPS = {"torch": TORCH_OPS, "cpp": custom.register("cpp", "sqdf_fast.ops.cpp"),
-       "triton": custom.register("triton", "sqdf_fast.kernels")}
+def resolve_type(device_type: str) -> tuple[str, str]:
+    """(backend, why) for tensors on devices of `device_type`."""
+    return _cached((device_type, _override, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")))
 
 
-def backend_ops(name: str) -> SimpleNamespace:
-    return OPS[name]
+@torch.compiler.assume_constant_result  # traced once per key: compiled code holds the answer, not the lookup
+def _cached(key: tuple) -> tuple[str, str]:
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(key[0])
+    return found
 
 
-def ops_for(device: torch.device) -> SimpleNamespace:
-    return backend_ops(resolve(device)[0])
+def resolve(device: torch.device) -> tuple[str, str]:
+    """(backend, why) for tensors on `device`."""
+    return resolve_type(device.type)
+
+
+def launchers(name: str) -> ModuleType:
+    """The launcher module of fused backend `name`, imported on first use (importing triton is slow)."""
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(LAUNCHERS[name])
+    return module
