@@ -1,8 +1,8 @@
-"""In-memory replay buffer of whole trajectories (sqdf-method.md §5), a ring of fixed capacity.
+"""In-memory replay buffer of whole trajectories (docs/method.md §6), a ring of fixed capacity.
 
-Per trajectory: every transition's input latent x^(0..T-1), the condition, the final reward and the optimizer step
-that created it. Memory is allocated once, so it is bounded by `nbytes`. All sampling runs on the buffer's device
-with the caller's generator: no host sync.
+Per trajectory: every transition's input latent x^(0..T-1), the condition and the final reward. Memory is
+allocated once, so it is bounded by `nbytes`. All sampling runs on the buffer's device with the caller's generator:
+no host sync.
 """
 from __future__ import annotations
 
@@ -21,15 +21,14 @@ class ReplayBuffer:
         self.states = torch.zeros((capacity, num_steps, *sample_shape), dtype=dtype, device=device)
         self.cond = torch.zeros((capacity, *cond_shape), dtype=cond_dtype, device=device)
         self.reward = torch.zeros(capacity, dtype=torch.float32, device=device)
-        self.created = torch.zeros(capacity, dtype=torch.long, device=device)
         self.size = 0   # filled slots
         self.next = 0   # slot the next trajectory goes to
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.states, self.cond, self.reward, self.created))
+        return sum(t.numel() * t.element_size() for t in (self.states, self.cond, self.reward))
 
-    def add(self, states: Tensor, cond: Tensor, reward: Tensor, step: int) -> None:
+    def add(self, states: Tensor, cond: Tensor, reward: Tensor) -> None:
         """Store a batch of trajectories (B, T, ...), overwriting the oldest when full."""
         n = states.shape[0]
         if n > self.capacity:
@@ -38,7 +37,6 @@ class ReplayBuffer:
         self.states.index_copy_(0, slots, states.to(self.states.dtype))
         self.cond.index_copy_(0, slots, cond.to(self.cond.dtype))
         self.reward.index_copy_(0, slots, reward.float())
-        self.created.index_fill_(0, slots, step)
         self.next = (self.next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -74,11 +72,10 @@ class ReplayBuffer:
         return slots, steps, 1.0 / (self.size * self.num_steps * prob)
 
     def state_dict(self) -> dict:
-        return {"states": self.states, "cond": self.cond, "reward": self.reward, "created": self.created,
-                "size": self.size, "next": self.next}
+        return {"states": self.states, "cond": self.cond, "reward": self.reward, "size": self.size, "next": self.next}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("states", "cond", "reward", "created"):
+        for name in ("states", "cond", "reward"):
             if state[name].shape != getattr(self, name).shape:
                 raise ValueError(f"buffer {name} has shape {tuple(state[name].shape)} in the checkpoint, "
                                  f"expected {tuple(getattr(self, name).shape)}")

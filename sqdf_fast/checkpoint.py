@@ -4,9 +4,8 @@ A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so `chec
 `checkpoint.prev/`) is always a complete one.
 
 state.pt holds what all data-parallel ranks share (step, optimizer, base metrics, guard, wall time), `world_size`,
-and `ranks`: one entry per rank with what is its own (RANK_KEYS: RNG state, replay-buffer shard, last rollout, log
-window, and the digest of its adapter). A single process writes one entry; checkpoints written before ranks were
-kept apart load as one.
+and `ranks`: one entry per rank with what is its own (RANK_KEYS: RNG state, the method's state (replay-buffer shard,
+last samples), log window, and the digest of its adapter). A single process writes one entry.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 ADAPTER = "adapter.safetensors"
 STATE = "state.pt"
 SHARED_KEYS = ("step", "optimizer", "base_metrics", "guard")
-RANK_KEYS = ("generator", "buffer", "fresh", "window")
+RANK_KEYS = ("generator", "method", "window")
 
 
 def _write(path: Path, write) -> None:
@@ -57,14 +56,11 @@ def load(run_dir: Path, map_location: torch.device | str = "cpu") -> tuple[dict,
         state = torch.load(folder / STATE, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, SafetensorError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"resume={str(run_dir)!r}: checkpoint is unreadable ({type(err).__name__}: {err})") from err
-    if "ranks" not in state:   # a single-process checkpoint of the earlier layout
-        own = {k: state[k] for k in RANK_KEYS if k in state}
-        state = {**{k: v for k, v in state.items() if k not in RANK_KEYS}, "world_size": 1, "ranks": [own]}
-    missing = set(SHARED_KEYS) - set(state)
-    missing |= {name for entry in state["ranks"] for name in RANK_KEYS if name not in entry}
+    missing = set(SHARED_KEYS + ("world_size", "ranks")) - set(state)
+    missing |= {name for entry in state.get("ranks", []) for name in RANK_KEYS if name not in entry}
     if missing:
         raise ValueError(f"resume={str(run_dir)!r}: checkpoint lacks {', '.join(sorted(missing))}")
-    if state.get("world_size") != len(state["ranks"]):
+    if state["world_size"] != len(state["ranks"]):
         raise ValueError(f"resume={str(run_dir)!r}: checkpoint has world_size {state.get('world_size')} but "
                          f"{len(state['ranks'])} rank entries")
     return adapter, state

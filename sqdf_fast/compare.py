@@ -6,7 +6,7 @@
 Each (method, seed) is one `sqdf_fast.train` run (its run directory under OUT/runs/) with the task's defaults, the
 method's own defaults below, then the --set overrides. Writes, and rewrites after every run:
 
-    OUT/results.json   a list of rows: method, seed, reward, diversity, fd, kl, the task's target metrics
+    OUT/results.json   a list of rows: method, seed, reward, diversity, fd, path_kl, the task's target metrics
                        (dist_to_target, mode_weight_error, mode_coverage where the target is known), wall_s,
                        and the base model's values as base_<metric>
     OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds; a run
@@ -44,6 +44,7 @@ import torch
 from sqdf_fast import config
 from sqdf_fast.distributed import resolve_device
 from sqdf_fast.info import device_name
+from sqdf_fast.methods import METHODS
 from sqdf_fast.train import run
 
 # A label -> (method, option overrides). Plain method names need no entry.
@@ -54,7 +55,7 @@ VARIANTS = {
     "sqdf-no-buffer": ("sqdf", {"buffer": False}),
 }
 ABLATIONS = ("sqdf-no-discount", "sqdf-no-cm", "sqdf-no-buffer")
-METRICS = ("reward", "diversity", "fd", "kl")
+METRICS = ("reward", "diversity", "fd", "path_kl")
 TARGET_METRICS = ("dist_to_target", "mode_weight_error", "mode_coverage")
 
 
@@ -69,8 +70,9 @@ def parse_value(text: str):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sqdf_fast.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="digits", help="task of every run (default digits)")
-    parser.add_argument("--methods", default="sqdf,draft,draft-lv,refl,alignprop,draft-kl",
-                        help=f"comma-separated methods or variants ({', '.join(VARIANTS)})")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods ({', '.join(METHODS)}) or variants ({', '.join(VARIANTS)}), "
+                             "each optionally with options of its own: name@key=value (default: every method)")
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -145,7 +147,7 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
     if base_rows:
         table.append({"method": "base model", "seeds": len(base_rows), "failed": 0,
                       **{m: mean_std([r[f"base_{m}"] for r in base_rows]) for m in columns
-                         if m not in ("wall_s", "kl") and r_has(base_rows, f"base_{m}")}})
+                         if m not in ("wall_s", "path_kl") and r_has(base_rows, f"base_{m}")}})
     for label in labels:
         mine = [r for r in finished if r["method"] == label]
         failed = sum(r["method"] == label and "failed" in r for r in rows)
@@ -204,7 +206,7 @@ def write_report(path: Path, table: list[dict], failures: list[dict], command: s
                  wall_s: float) -> None:
     columns = [c for c in METRICS + TARGET_METRICS + ("wall_s",) if any(c in entry for entry in table)]
     legend = ("Mean +- standard deviation over seeds. reward, diversity and fd are the trainer's final evaluation "
-              "(fixed seeds); kl is the path KL to the base model in nats.")
+              "(fixed seeds); path_kl is the path KL to the base model in nats.")
     if "dist_to_target" in columns:
         legend += (" The target metrics compare the samples with the exact KL-tilted target p* at the pinned "
                    "target_alpha (lower dist_to_target and mode_weight_error are better, mode_coverage 1 is every "

@@ -8,7 +8,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHOD_CHOICES = ("sqdf", "draft", "draft-lv", "refl", "alignprop", "draft-kl")
+from sqdf_fast.buffer import SAMPLERS as BUFFER_SAMPLERS
+from sqdf_fast.methods import METHODS
+from sqdf_fast.methods.baselines import alignprop_range, refl_range
+from sqdf_fast.methods.sqdf import STEP_SAMPLERS
 
 
 def option(default, group: str, help: str, choices: tuple | None = None):
@@ -19,13 +22,13 @@ def option(default, group: str, help: str, choices: tuple | None = None):
 class TrainConfig:
     # task and run
     task: str = option("digits", "task", "built-in task name or module:function returning a sqdf_fast.tasks.Task")
-    method: str = option("sqdf", "task", "fine-tuning method: sqdf, or a baseline (README, Methods)",
-                         METHOD_CHOICES)
+    method: str = option("sqdf", "task", "fine-tuning method: " + "; ".join(f"{name}: {line}" for name, (_, line)
+                                                                         in METHODS.items()), tuple(METHODS))
     model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)")
     reward: str | None = option(None, "task", "reward replacing the task's own: task (the task's, default), digits, "
-                                "aesthetic, clip-score, or module:function (images, cond) -> (B,) (README, Rewards)")
+                                "aesthetic, clip-score, or module:function (images, cond) -> (B,) (docs/rewards.md)")
     reward_weights: str | None = option(None, "task", "folder of the reward's weights: aesthetic (CLIP + LAION head), "
-                                        "clip-score (a CLIP model), digits (README, Rewards)")
+                                        "clip-score (a CLIP model), digits (docs/rewards.md)")
     consistency: str | None = option(None, "task", "sd tasks: the consistency model, an LCM-LoRA (.safetensors file, "
                                      "or folder with pytorch_lora_weights.safetensors) or an LCM UNet folder")
     prompts: str = option("simple-animals", "task", "sd tasks: prompt list, built-in (simple-animals: 45 animals, "
@@ -60,7 +63,7 @@ class TrainConfig:
     checkpoint_reward: bool = option(True, "method", "gradient checkpointing through the task's reward model (sd)")
     reward_mask: bool = option(False, "method", "the authors' mask: drop samples with reward <= 0 from the loss")
     step_sampler: str = option("uniform", "method", "how the trained step j is drawn: uniform, or discounted "
-                               "(q(j) ~ gamma^(T-1-j), loss weighted by (1/T)/q(j))", ("uniform", "discounted"))
+                               "(q(j) ~ gamma^(T-1-j), loss weighted by (1/T)/q(j))", STEP_SAMPLERS)
     steps_per_trajectory: int = option(1, "method", "trained steps j drawn per sampled trajectory")
     draft_k: int = option(1, "method", "draft, draft-kl: transitions at the end of the chain the reward gradient "
                           "flows through")
@@ -77,7 +80,7 @@ class TrainConfig:
                               "processes each keeps a shard of buffer_size / N")
     buffer_sampler: str = option("uniform", "buffer", "uniform (without replacement), newest, or reward-gamma "
                                  "(prioritised, P(i,j) ~ (r_i - min r) * gamma^(T-1-j))",
-                                 ("uniform", "newest", "reward-gamma"))
+                                 BUFFER_SAMPLERS)
     buffer_importance_weights: bool = option(False, "buffer", "weight reward-gamma samples by uniform/P to undo "
                                              "its bias")
     buffer_dtype: str = option("float32", "buffer", "storage dtype of buffered latents",
@@ -106,16 +109,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def refl_range(cfg: TrainConfig) -> tuple[int, int]:
-    """ReFL's stop transitions [lo, hi] as indices 0..T-1 (negative options count from the end, clipped at 0)."""
-    return tuple(v if v >= 0 else max(cfg.sample_steps + v, 0) for v in (cfg.refl_lo, cfg.refl_hi))
-
-
-def alignprop_range(cfg: TrainConfig) -> tuple[int, int]:
-    """AlignProp's [fewest, most] transitions with gradient (alignprop_max_k 0: all T)."""
-    return cfg.alignprop_min_k, cfg.alignprop_max_k or cfg.sample_steps
 
 
 def validate(cfg: TrainConfig) -> None:

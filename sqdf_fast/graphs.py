@@ -6,9 +6,9 @@ same generator.
 
 How it works (CUDA):
 - one `torch.cuda.CUDAGraph` per captured key (batch size, sample shape, dtypes, condition shape), cached; the
-  graph holds the WHOLE T-step loop (every UNet call, the fused guidance + DDIM step `ops.rollout_step`, the state
-  writes). Capturing the loop as one graph costs about one step's activations (the capture's private pool reuses
-  freed blocks across steps), plus the static buffers;
+  graph holds the WHOLE T-step loop (every UNet call, the fused guidance + DDIM step, the state writes: the same
+  `sqdf_fast.rollout.ddim_chain` the eager sampler runs). Capturing the loop as one graph costs about one step's
+  activations (the capture's private pool reuses freed blocks across steps), plus the static buffers;
 - static buffers: x_T, cond, the per-step noise (T, B, ...) and the outputs (states (B, T, ...), x0). A replay
   copies the new x_T and cond in, draws the T noises with the caller's generator EXACTLY as the eager loop does
   (one `torch.randn(x.shape, generator=...)` per step, in step order; the denoiser never uses the generator, so
@@ -22,7 +22,8 @@ Why it survives LoRA updates: the graph reads every weight from its storage at r
 PLACE (the optimizer's `p.add_`/`p.copy_`/foreach/fused updates, `copy_adapter_in_place`) is seen by the next
 replay. What the graph does NOT see: a parameter given new storage (`p.data = ...`, `module.to(...)`,
 `load_state_dict(assign=True)`, re-injecting an adapter), or a change of Python-level state baked in at capture
-(which adapters are active or disabled, the LoRA scaling, the op backend). Loading a checkpoint into a model whose
+(which adapters are active or disabled, the LoRA scaling, the op backend): build a new GraphRollout after
+changing those. Loading a checkpoint into a model whose
 rollout is captured must therefore use `sqdf_fast.adapters.copy_adapter_in_place`. As a guard, every call checks
 the storage addresses of the watched `modules`' parameters and buffers (a few hundred `data_ptr()` reads) and
 re-captures when any changed (`recaptures` counts it).
@@ -40,8 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sqdf_fast import ops
-from sqdf_fast.rollout import GuidedDenoiser, rollout
+from sqdf_fast.rollout import GuidedDenoiser, ddim_chain, rollout
 from sqdf_fast.schedule import DDIMSchedule
 
 WARMUP_RUNS = 2
@@ -97,11 +97,6 @@ class GraphRollout:
             self._cache[key] = captured
         return self._replay(captured, x_T, cond, generator)
 
-    def reset(self) -> None:
-        """Drop every captured graph (e.g. after changing which adapters are active)."""
-        self._cache.clear()
-        self._fingerprint = None
-
     # ---- internals ---------------------------------------------------------------------------------------------
     def _check_storages(self) -> None:
         fingerprint = _storage_fingerprint(self.modules)
@@ -112,16 +107,11 @@ class GraphRollout:
 
     @torch.no_grad()
     def _body(self, c: _Captured) -> None:
-        """The loop the graph captures: static buffers in, static buffers out, no host sync, no allocation that
-        outlives it."""
-        batch, x = c.x_T.shape[0], c.x_T
-        for j in range(self.schedule.num_steps):
-            c.states[:, j].copy_(x)
-            t = self.schedule.timesteps[j].expand(batch)
-            eps = self.denoiser(x, t, c.cond)
-            x, _ = ops.rollout_step(x, eps.cond, eps.uncond, eps.guidance, self.schedule.alpha_t[j],
-                                    self.schedule.alpha_prev[j], self.eta, c.noise[j])
-        c.x0.copy_(x)
+        """The loop the graph captures: the one DDIM chain on static buffers (pre-drawn noise in, states and x0 out),
+        no host sync, no allocation that outlives it."""
+        end = ddim_chain(self.denoiser, self.schedule, c.x_T, c.cond, self.eta, lambda j, x: c.noise[j],
+                         states=c.states)
+        c.x0.copy_(end.x)
 
     @torch.no_grad()
     def _capture(self, x_T: Tensor, cond: Tensor) -> _Captured:
@@ -160,14 +150,3 @@ class GraphRollout:
         if self.clone_outputs:
             return c.states.clone(), c.x0.clone(), None
         return c.states, c.x0, None
-
-
-def method_rollout(method, cfg) -> GraphRollout:
-    """The trainer's policy sampler for `collect`: one GraphRollout per method object, kept on it (graphs are only
-    used when cfg.cuda_graphs is on and the samples are on CUDA; otherwise it is the eager `rollout`)."""
-    sampler = getattr(method, "_graph_rollout", None)
-    if sampler is None:
-        sampler = GraphRollout(method.policy_eps, method.schedule, cfg.eta, modules=[method.task.unet],
-                               enabled=cfg.cuda_graphs)
-        method._graph_rollout = sampler
-    return sampler

@@ -51,10 +51,6 @@ class DDIMSchedule:
                             self.alpha_t.to(device, dtype), self.alpha_prev.to(device, dtype),
                             self.alphas_cumprod.to(device, dtype))
 
-    def discounts(self, gamma: float) -> Tensor:
-        """(T,) gamma^(T-1-j): the reward discount of transition j."""
-        return step_discounts(self.num_steps, gamma, self.timesteps.device)
-
     def sigma(self, eta: float) -> Tensor:
         """(T,) DDIM noise scale sigma_j for stochasticity eta."""
         return ddim_sigma(self.alpha_t, self.alpha_prev, eta)

@@ -1,9 +1,14 @@
-"""`python -m sqdf_fast.train`: fine-tune a diffusion model toward a reward with SQDF.
+"""`python -m sqdf_fast.train`: fine-tune a diffusion model toward a reward with SQDF or a baseline.
 
-Reads top to bottom: config -> task -> policy adapter, optimizer, buffer -> (resume | base evaluation) ->
-loop [rollout into the buffer, draw (trajectory, step) pairs, SQDF loss, guarded optimizer step, log, checkpoint]
--> final evaluation, plots, summary. Nothing inside a training step reads a tensor value on the host: metrics
-stay on the device until a log line, and a non-finite loss is skipped on the device.
+Reads top to bottom, in named pieces that other loops (the black-box optimiser) drive as a library:
+
+    run = build_run(cfg, ctx, resume)   task, policy adapter, method (and its buffer), optimizer; then the resumed
+                                        checkpoint, or the base model's evaluation
+    train_until(run, steps)             optimizer steps (`train_step`), with log lines, evaluations and checkpoints
+    summary = finish(run)               final evaluation, plots, summary.json
+
+Nothing inside a training step reads a tensor value on the host: metrics stay on the device until a log line, and
+a non-finite loss is skipped on the device.
 
 Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) every process runs this same loop data-parallel
 (sqdf_fast.distributed): batch_size, rollout_batch and buffer_size are global and split evenly; each rank draws its
@@ -17,7 +22,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -25,32 +32,22 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import checkpoint, config, ops, rewards, tasks
-from sqdf_fast.adapters import (
-    adapter_state_dict,
-    add_policy_lora,
-    load_adapter_state_dict,
-)
-from sqdf_fast.buffer import ReplayBuffer
-from sqdf_fast.distributed import (
-    Context,
-    launch,
-    resolve_device,
-    tensors_digest,
-    to_device,
-)
+from sqdf_fast import checkpoint, config, methods, ops, tasks
+from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
+from sqdf_fast.distributed import Context, launch, resolve_device, tensors_digest, to_device
 from sqdf_fast.export import save_diffusers_lora
-from sqdf_fast.graphs import method_rollout
-from sqdf_fast.memory import Checkpointed
-from sqdf_fast.method import SQDF, make_method, sample_steps
+from sqdf_fast.methods import Method
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
 from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
 
 EVAL_SEED_OFFSET = 99_991       # evaluation noise comes from its own generator: same seeds for base and final
+EVAL_METRICS = ("reward", "diversity", "fd", "path_kl")   # plus the task's target metrics where it knows them
 SUMMARY_KEYS = ("reward_base", "reward_final", "diversity_base", "diversity_final", "fd_base", "fd_final",
-                "kl_final", "steps", "wall_s")
+                "path_kl_final", "steps", "wall_s")
+CURVES = ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward", "eval_diversity", "eval_fd",
+          "eval_path_kl")
 
 
 def rank_seed(seed: int, rank: int | None = None) -> int:
@@ -79,8 +76,40 @@ def guarded_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
             t.copy_(torch.where(finite, t, old))
 
 
+class Guard:
+    """Counts non-finite steps on the device; `check` (at log and checkpoint time) stops a run that keeps failing."""
+
+    def __init__(self, device: torch.device, limit: int, verbose: bool = True):
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.limit, self.reported, self.verbose = limit, 0, verbose
+
+    def update(self, finite: Tensor) -> None:
+        self.total += (~finite).long()
+        self.streak = torch.where(finite, 0, self.streak + 1)
+
+    def check(self, step: int) -> int:
+        total, streak = int(self.total), int(self.streak)
+        if total > self.reported and self.verbose:
+            tqdm.write(f"warning: {total - self.reported} step(s) with a non-finite reward or loss skipped "
+                       f"before step {step} ({total} in all)", file=sys.stderr)
+        self.reported = max(self.reported, total)
+        if streak >= self.limit:
+            raise RuntimeError(f"{streak} non-finite steps in a row before step {step} (max_nonfinite_steps="
+                               f"{self.limit}); stopped, the last checkpoint is kept")
+        return total
+
+    def state_dict(self) -> dict:
+        return {"total": int(self.total), "streak": int(self.streak)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total.fill_(state["total"])
+        self.streak.fill_(state["streak"])
+        self.reported = state["total"]
+
+
 @torch.no_grad()
-def evaluate(method: SQDF, cfg: config.TrainConfig, ctx: Context, with_kl: bool,
+def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, with_kl: bool,
              base_features: dict[int, Tensor] | None = None) -> tuple[dict, Tensor, dict[int, Tensor]]:
     """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; the samples; their features by
     condition. fd is against the task's real data, or, for a task without any (real_features None), against
@@ -109,66 +138,10 @@ def evaluate(method: SQDF, cfg: config.TrainConfig, ctx: Context, with_kl: bool,
     metrics = {"reward": float(reward.mean()),
                "diversity": per_class_diversity(features, cond),
                "fd": per_class_fd(features, cond, reference),
-               "kl": float(ctx.gather_rows(path_kl).mean()) if with_kl else 0.0}
+               "path_kl": float(ctx.gather_rows(path_kl).mean()) if with_kl else 0.0}
     if task.target_metrics is not None:
         metrics.update(task.target_metrics(images, cond))
     return metrics, images, by_class
-
-
-def collect(method: SQDF, n: int, cfg: config.TrainConfig, generator: torch.Generator) -> dict[str, Tensor]:
-    """n fresh trajectories of the current policy (no grad) with their final rewards."""
-    task = method.task
-    cond = task.sample_conditions(n, generator)
-    x_T = torch.randn((n, *task.sample_shape), generator=generator, device=generator.device)
-    states, x0, _ = method_rollout(method, cfg)(x_T, cond, generator)   # eager unless cfg.cuda_graphs on CUDA
-    with torch.no_grad():
-        images = task.decode(x0)
-        reward = task.reward(images, cond)
-    return {"states": states, "cond": cond, "reward": reward, "images": images}
-
-
-def draw(micro: int, size: int, fresh: dict | None, buffer: ReplayBuffer | None, cfg: config.TrainConfig,
-         num_steps: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One micro-batch of `size` (x_j, j, cond, loss weight): from the buffer, or from this step's fresh
-    trajectories (micro-batch `micro` takes its own rows of them)."""
-    n_traj = size // cfg.steps_per_trajectory
-    device = generator.device
-    if buffer is not None and cfg.buffer_sampler == "reward-gamma":
-        slots, j, weight = buffer.sample(size, "reward-gamma", generator, cfg.gamma, cfg.buffer_importance_weights)
-        return buffer.states[slots, j].float(), j, buffer.cond[slots], weight
-    if buffer is not None:
-        slots, _, _ = buffer.sample(n_traj, cfg.buffer_sampler, generator)
-        states, cond = buffer.states, buffer.cond
-    else:
-        slots = torch.arange(micro * n_traj, (micro + 1) * n_traj, device=device)
-        states, cond = fresh["states"], fresh["cond"]
-    rows = slots.repeat_interleave(cfg.steps_per_trajectory)
-    j, weight = sample_steps(size, num_steps, cfg.step_sampler, cfg.gamma, generator, device)
-    return states[rows, j].float(), j, cond[rows], weight   # gathers only the trained states, not whole trajectories
-
-
-class Guard:
-    """Counts non-finite steps on the device; `check` (at log and checkpoint time) stops a run that keeps failing."""
-
-    def __init__(self, device: torch.device, limit: int, verbose: bool = True):
-        self.total = torch.zeros((), dtype=torch.long, device=device)
-        self.streak = torch.zeros((), dtype=torch.long, device=device)
-        self.limit, self.reported, self.verbose = limit, 0, verbose
-
-    def update(self, finite: Tensor) -> None:
-        self.total += (~finite).long()
-        self.streak = torch.where(finite, 0, self.streak + 1)
-
-    def check(self, step: int) -> int:
-        total, streak = int(self.total), int(self.streak)
-        if total > self.reported and self.verbose:
-            tqdm.write(f"warning: {total - self.reported} step(s) with a non-finite reward or loss skipped "
-                       f"before step {step} ({total} in all)", file=sys.stderr)
-        self.reported = max(self.reported, total)
-        if streak >= self.limit:
-            raise RuntimeError(f"{streak} non-finite steps in a row before step {step} (max_nonfinite_steps="
-                               f"{self.limit}); stopped, the last checkpoint is kept")
-        return total
 
 
 def eval_row(step: int, metrics: dict) -> dict:
@@ -189,10 +162,38 @@ def fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
-    """Train in this process: alone, or as one rank of a torchrun / accelerate launch (WORLD_SIZE > 1)."""
-    with launch(cfg.device) as ctx, ops.use_backend(cfg.kernels):
-        return train(cfg, resume, ctx)
+# ---- a run --------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything one training run holds; `build_run` makes it, the pieces below advance and save it."""
+    cfg: config.TrainConfig
+    ctx: Context
+    out: Path
+    task: tasks.Task
+    schedule: DDIMSchedule
+    method: Method
+    params: list[Tensor]
+    optimizer: torch.optim.AdamW
+    generator: torch.Generator
+    guard: Guard
+    start: float                                  # time.time() when this process started the run
+    step: int = 0                                 # optimizer steps done
+    wall_before: float = 0.0                      # wall seconds of the run before a resume
+    base: dict = field(default_factory=dict)      # the base model's evaluation
+    base_features: dict | None = None             # its features, where fd measures the drift from it
+    rows: list[dict] = field(default_factory=list)      # metrics.jsonl
+    window: list[dict] = field(default_factory=list)    # per-step device metrics not yet logged
+    metrics_file: IO | None = None                # rank 0's open metrics.jsonl
+
+    @property
+    def wall_s(self) -> float:
+        return self.wall_before + time.time() - self.start
+
+    def write_row(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
 
 
 def read_run(out: Path, resume: str | None, world: int) -> tuple[dict, dict, list[dict]] | None:
@@ -215,196 +216,203 @@ def read_run(out: Path, resume: str | None, world: int) -> tuple[dict, dict, lis
     return adapter, state, [row for row in rows if row["step"] <= state["step"]]   # drop what came after it
 
 
-def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | None = None) -> dict:
+def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) -> Run:
+    """A run ready to train: new (base model evaluated, config.json written) or resumed from `resume`'s checkpoint.
+    Every check that can fail runs on every rank before anything is written."""
     start = time.time()
-    ctx = ctx or Context(device=resolve_device(cfg.device))
-    device, main = ctx.device, ctx.is_main
+    device = ctx.device
     kernels, why = ops.backend_for(device)   # an impossible --kernels fails here, before any work
     # rank 0's name: the default one holds the time, which the ranks could read a second apart
     out = Path(ctx.broadcast(cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-"
                                         f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    saved = ctx.on_main(lambda: read_run(out, resume, ctx.world))   # fails on every rank before anything is written
-    if resume is not None:
-        # one checkpoint: the shared state once, each rank's own (RNG, buffer shard, last rollout, log window) apart
-        adapter, state, rows = saved if main else (None, None, [])
-        own = ctx.scatter(state["ranks"] if main else None)
-        adapter, state = ctx.broadcast((adapter, {k: v for k, v in state.items() if k != "ranks"} if main else None))
-        adapter, state, own = to_device((adapter, state, own), device)
-
-    task = tasks.resolve(cfg.task)(cfg)
-    missing = [name for name in ("features", "eval_conditions") if getattr(task, name) is None]
-    if missing:
-        raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
-    reward = rewards.build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts,
-                                  task_reward=task.reward, device=device)
-    if reward is not task.reward:   # --reward replaces the task's own
-        if isinstance(task.reward, Checkpointed):
-            task.reward.fn = reward   # the task's checkpointing switch (checkpoint_reward) applies to it too
-        else:
-            task.reward = reward
-        if isinstance(reward, torch.nn.Module) and all(reward is not m for m in task.frozen):
-            task.frozen.append(reward)   # moves with the task's other frozen networks
-    task = task.to(device)
+    saved = ctx.on_main(lambda: read_run(out, resume, ctx.world))
+    task = tasks.build(cfg, device)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    method = make_method(task, schedule, cfg)
-    chains = method.trains_on == "chains"   # a baseline: its own on-policy chains, no collect/buffer/draw
-    optimizer = make_optimizer(params, cfg, device)
-    generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
-    micro_size = ctx.split(cfg.batch_size, "batch_size") // cfg.grad_accum   # batch_size is global
-    buffer = None
-    if cfg.buffer and not chains:
-        cond_example = task.sample_conditions(1, torch.Generator(device).manual_seed(0))
-        buffer = ReplayBuffer(ctx.split(cfg.buffer_size, "buffer_size"), cfg.sample_steps, task.sample_shape,
-                              tuple(cond_example.shape[1:]), cond_example.dtype, device,
-                              getattr(torch, cfg.buffer_dtype))
-    guard = Guard(device, cfg.max_nonfinite_steps, verbose=main)
-
+    method = methods.build(task, schedule, cfg, ctx.world)
+    run = Run(cfg, ctx, out, task, schedule, method, params, make_optimizer(params, cfg, device),
+              torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank)),
+              Guard(device, cfg.max_nonfinite_steps, verbose=ctx.is_main), start)
     if resume is not None:
-        load_adapter_state_dict(task.unet, adapter)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(own["generator"].cpu())
-        if buffer is not None:
-            buffer.load_state_dict(own["buffer"])
-        guard.total.fill_(state["guard"]["total"])
-        guard.streak.fill_(state["guard"]["streak"])
-        guard.reported = state["guard"]["total"]
-        first_step, base, wall_before = state["step"], state["base_metrics"], state["wall_s"]
-        base_features = state.get("base_features")   # absent in checkpoints of tasks with real data
-        fresh = own["fresh"]     # the last rollout's reward, conditions and images, for logging before the next one
-        window = own["window"]   # per-step metrics not yet logged
-        if main:
-            print(f"resumed {out} at step {first_step}")
+        restore(run, saved)
     else:
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        base, base_images, base_features = evaluate(method, cfg, ctx, with_kl=False)
-        if task.real_features is not None:
-            base_features = None   # fd is against real data; only a task without it measures drift from the base
-        if main:
-            save_samples(task, base_images, cfg, out / "samples_base.png")
-        first_step, wall_before, fresh, window = 0, 0.0, None, []
-        rows = [eval_row(0, base)]
-    metrics_file = None
+        evaluate_base(run)
+    if ctx.is_main:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run.rows))
+        run.metrics_file = open(out / "metrics.jsonl", "a")
+        print_start(run, f"{kernels} ({why})")
+    return run
+
+
+def restore(run: Run, saved: tuple | None) -> None:
+    """The checkpoint's adapter, optimizer, guard and step, and this rank's own RNG, method state (replay buffer
+    shard, last samples) and log window. One checkpoint holds the shared state once and each rank's own apart."""
+    ctx, main = run.ctx, run.ctx.is_main
+    adapter, state, rows = saved if main else (None, None, [])
+    own = ctx.scatter(state["ranks"] if main else None)
+    adapter, state = ctx.broadcast((adapter, {k: v for k, v in state.items() if k != "ranks"} if main else None))
+    adapter, state, own = to_device((adapter, state, own), ctx.device)
+    load_adapter_state_dict(run.task.unet, adapter)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(own["generator"].cpu())
+    run.method.load_state_dict(own["method"])
+    run.guard.load_state_dict(state["guard"])
+    run.step, run.base, run.wall_before = state["step"], state["base_metrics"], state["wall_s"]
+    run.base_features = state["base_features"]
+    run.window, run.rows = own["window"], rows
     if main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        metrics_file = open(out / "metrics.jsonl", "a")
+        print(f"resumed {run.out} at step {run.step}")
 
-    def write_row(row: dict) -> None:
-        rows.append(row)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
 
-    def save_checkpoint(step: int) -> None:
-        adapter = adapter_state_dict(task.unet)
-        own = {"generator": generator.get_state(), "buffer": buffer.state_dict() if buffer is not None else {},
-               "fresh": {k: fresh[k] for k in ("reward", "cond", "images")}, "window": window,
-               "adapter_digest": tensors_digest(adapter)}
-        digests = ctx.all_gather(own["adapter_digest"])
-        if len(set(digests)) > 1:   # cannot happen while the gradients are averaged; a guard against silent drift
-            raise RuntimeError(f"the ranks' adapters differ at step {step} (digests {digests}): data-parallel "
-                               "training lost sync; stopped, the last checkpoint is kept")
-        ranks = ctx.gather(own)
-        if main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "base_metrics": base,
-                     "guard": {"total": int(guard.total), "streak": int(guard.streak)},
-                     "base_features": base_features,
-                     "wall_s": wall_before + time.time() - start, "world_size": ctx.world, "ranks": ranks}
-            checkpoint.save(out, adapter, state)
-
+def evaluate_base(run: Run) -> None:
+    """A new run: config.json, and the base model (the adapter is still zero) evaluated and drawn."""
+    cfg, task, main = run.cfg, run.task, run.ctx.is_main
     if main:
-        buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
-        ranks_note = f" | {ctx.world} processes ({dist.get_backend()})" if ctx.distributed else ""
-        per_process = " per process" if ctx.distributed else ""
-        print(f"task {task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {device} | "
-              f"kernels {kernels} ({why}){ranks_note} | "
-              f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma} | "
-              f"adapter {sum(p.numel() for p in params):,} params | buffer {buffer_mb:.1f} MiB{per_process} | "
-              f"run dir {out}")
-        print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, with_kl=False)
+    # fd is against real data where the task has it; only a task without it measures drift from the base
+    run.base_features = None if task.real_features is not None else base_features
+    if main:
+        save_samples(task, base_images, cfg, run.out / "samples_base.png")
+    run.rows = [eval_row(0, run.base)]
 
-    bar = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, disable=not (cfg.progress and main),
-               dynamic_ncols=True, desc="sqdf")
-    for step in bar:
-        if not chains and (buffer is None or step % cfg.replay_ratio == 0):
-            n_new = (ctx.split(cfg.rollout_batch, "rollout_batch") if buffer is not None
-                     else micro_size * cfg.grad_accum // cfg.steps_per_trajectory)
-            fresh = collect(method, n_new, cfg, generator)
-            if buffer is not None:
-                buffer.add(fresh["states"], fresh["cond"], fresh["reward"], step)
-        optimizer.zero_grad(set_to_none=False)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        parts = []   # chain methods: each micro-batch's final samples, for logging
-        for micro in range(cfg.grad_accum):
-            if chains:
-                cond = task.sample_conditions(micro_size, generator)
-                x_T = torch.randn((micro_size, *task.sample_shape), generator=generator, device=device)
-                loss, stats, part = method.chain_loss(cond, x_T, generator)
-                parts.append(part)
-            else:
-                x, j, cond, weight = draw(micro, micro_size, fresh, buffer, cfg, schedule.num_steps, generator)
-                loss, stats = method.loss(x, j, cond, weight, generator)
-            (loss / cfg.grad_accum).backward()
-            finite &= torch.isfinite(loss)
-        if chains:
-            fresh = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-        finite = ctx.average_gradients(params, finite)   # identity for one process
-        # the norm of the (averaged) gradient before clipping, logged; an infinite bound multiplies by exactly 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        guarded_step(optimizer, finite)
-        guard.update(finite)
-        window.append({"loss": loss.detach(), "reward": fresh["reward"].mean(), "grad_norm": grad_norm, **stats})
 
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            keys = list(window[0])
-            local = torch.stack([torch.stack([w[k] for w in window]).float().mean() for k in keys])
-            means = dict(zip(keys, ctx.mean(local).tolist()))   # equal batches per rank: the global means
-            window.clear()
-            features, fresh_cond = ctx.gather_rows(task.features(fresh["images"])), ctx.gather_rows(fresh["cond"])
-            row = {"step": done, **means, "diversity": per_class_diversity(features, fresh_cond),
-                   "nonfinite_steps": guard.check(done), "wall_s": round(wall_before + time.time() - start, 2)}
-            write_row(row)
-            bar.set_postfix(reward=fmt(row["reward"]), kl=fmt(row["kl_term"]))
-            if main:
-                tqdm.write(f"step {done:4d}/{cfg.steps} | reward {fmt(row['reward'])} | kl {fmt(row['kl_term'])} | "
-                           f"diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            metrics, _, _ = evaluate(method, cfg, ctx, with_kl=True, base_features=base_features)
-            write_row(eval_row(done, metrics))
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            guard.check(done)
-            save_checkpoint(done)
+def print_start(run: Run, kernels: str) -> None:
+    cfg, ctx, method = run.cfg, run.ctx, run.method
+    buffer = getattr(method, "buffer", None)
+    buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
+    ranks_note = f" | {ctx.world} processes ({dist.get_backend()})" if ctx.distributed else ""
+    per_process = " per process" if ctx.distributed else ""
+    print(f"task {run.task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {ctx.device} | "
+          f"kernels {kernels}{ranks_note} | "
+          f"T={cfg.sample_steps} eta={cfg.eta} w={cfg.guidance} alpha={cfg.alpha} gamma={cfg.gamma} | "
+          f"adapter {sum(p.numel() for p in run.params):,} params | buffer {buffer_mb:.1f} MiB{per_process} | "
+          f"run dir {run.out}")
+    base = run.base
+    print(f"base model: reward {fmt(base['reward'])} | diversity {fmt(base['diversity'])} | fd {fmt(base['fd'])}")
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def train_step(run: Run) -> None:
+    """One optimizer step: the method's preparation (SQDF: a rollout into its buffer when due), its micro-batch
+    losses, averaged gradients (identity for one process), clipping, and the step, skipped when not finite."""
+    cfg, method, generator = run.cfg, run.method, run.generator
+    method.prepare(run.step, generator)
+    run.optimizer.zero_grad(set_to_none=False)
+    finite = torch.ones((), dtype=torch.bool, device=run.ctx.device)
+    for micro in range(cfg.grad_accum):
+        loss, stats = method.micro_loss(micro, generator)
+        (loss / cfg.grad_accum).backward()
+        finite &= torch.isfinite(loss)
+    finite = run.ctx.average_gradients(run.params, finite)
+    # the norm of the (averaged) gradient before clipping, logged; an infinite bound multiplies by exactly 1
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    guarded_step(run.optimizer, finite)
+    run.guard.update(finite)
+    run.window.append({"loss": loss.detach(), "reward": method.fresh["reward"].mean(), "grad_norm": grad_norm,
+                       **stats})
+    run.step += 1
+
+
+def log_step(run: Run) -> dict:
+    """A metrics.jsonl row of the window's means (over the ranks too) and the newest samples' diversity."""
+    ctx, fresh = run.ctx, run.method.fresh
+    keys = list(run.window[0])
+    local = torch.stack([torch.stack([w[k] for w in run.window]).float().mean() for k in keys])
+    means = dict(zip(keys, ctx.mean(local).tolist()))   # equal batches per rank: the global means
+    run.window.clear()
+    features, fresh_cond = ctx.gather_rows(run.task.features(fresh["images"])), ctx.gather_rows(fresh["cond"])
+    row = {"step": run.step, **means, "diversity": per_class_diversity(features, fresh_cond),
+           "nonfinite_steps": run.guard.check(run.step), "wall_s": round(run.wall_s, 2)}
+    run.write_row(row)
+    if ctx.is_main:
+        tqdm.write(f"step {run.step:4d}/{run.cfg.steps} | reward {fmt(row['reward'])} | kl_term "
+                   f"{fmt(row['kl_term'])} | diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
+    return row
+
+
+def save_checkpoint(run: Run) -> None:
+    """The shared state once (rank 0 writes it) and each rank's own; refuses to save adapters that drifted apart."""
+    ctx = run.ctx
+    run.guard.check(run.step)
+    adapter = adapter_state_dict(run.task.unet)
+    own = {"generator": run.generator.get_state(), "method": run.method.state_dict(), "window": run.window,
+           "adapter_digest": tensors_digest(adapter)}
+    digests = ctx.all_gather(own["adapter_digest"])
+    if len(set(digests)) > 1:   # cannot happen while the gradients are averaged; a guard against silent drift
+        raise RuntimeError(f"the ranks' adapters differ at step {run.step} (digests {digests}): data-parallel "
+                           "training lost sync; stopped, the last checkpoint is kept")
+    ranks = ctx.gather(own)
+    if ctx.is_main:
+        state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "base_metrics": run.base,
+                 "guard": run.guard.state_dict(), "base_features": run.base_features, "wall_s": run.wall_s,
+                 "world_size": ctx.world, "ranks": ranks}
+        checkpoint.save(run.out, adapter, state)
+
+
+def train_until(run: Run, last_step: int) -> None:
+    """Optimizer steps up to `last_step`, with a log row every log_every steps, an evaluation every eval_every and
+    a checkpoint every checkpoint_every (and at the last step)."""
+    cfg = run.cfg
+    bar = tqdm(range(run.step, last_step), initial=run.step, total=last_step, dynamic_ncols=True, desc="sqdf",
+               disable=not (cfg.progress and run.ctx.is_main))
+    for _ in bar:
+        train_step(run)
+        done = run.step
+        if done % cfg.log_every == 0 or done == last_step:
+            row = log_step(run)
+            bar.set_postfix(reward=fmt(row["reward"]), kl_term=fmt(row["kl_term"]))
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != last_step:
+            metrics, _, _ = evaluate(run.method, cfg, run.ctx, with_kl=True, base_features=run.base_features)
+            run.write_row(eval_row(done, metrics))
+        if done % cfg.checkpoint_every == 0 or done == last_step:
+            save_checkpoint(run)
     bar.close()
 
-    final, final_images, _ = evaluate(method, cfg, ctx, with_kl=True, base_features=base_features)
-    write_row(eval_row(cfg.steps, final))
+
+def finish(run: Run) -> dict:
+    """The final evaluation against the base, curves, samples, summary.json (and the diffusers LoRA file of an SD
+    task); returns the summary."""
+    cfg, base, main = run.cfg, run.base, run.ctx.is_main
+    final, final_images, _ = evaluate(run.method, cfg, run.ctx, with_kl=True, base_features=run.base_features)
+    run.write_row(eval_row(run.step, final))
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
                "diversity_base": base["diversity"], "diversity_final": final["diversity"],
-               "fd_base": base["fd"], "fd_final": final["fd"], "kl_final": final["kl"], "steps": cfg.steps,
-               "wall_s": round(wall_before + time.time() - start, 1)}
-    for name in final.keys() - {"reward", "diversity", "fd", "kl"}:   # the task's target metrics
+               "fd_base": base["fd"], "fd_final": final["fd"], "path_kl_final": final["path_kl"],
+               "steps": run.step, "wall_s": round(run.wall_s, 1)}
+    for name in final.keys() - set(EVAL_METRICS):   # the task's target metrics
         summary.update({f"{name}_base": base.get(name), f"{name}_final": final[name]})
     if main:
-        metrics_file.close()
-        save_samples(task, final_images, cfg, out / "samples_final.png")
-        save_curves(rows, out / "curves.png", ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward",
-                                               "eval_diversity", "eval_fd", "eval_kl"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if isinstance(task.unet, UNet2DConditionModel):   # a diffusers pipeline's UNet: its users' LoRA format
-            save_diffusers_lora(task.unet, out / "lora")
-        print_table(base, final, summary["wall_s"], out)
+        run.metrics_file.close()
+        save_samples(run.task, final_images, cfg, run.out / "samples_final.png")
+        save_curves(run.rows, run.out / "curves.png", CURVES)
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if isinstance(run.task.unet, UNet2DConditionModel):   # a diffusers pipeline's UNet: its users' LoRA format
+            save_diffusers_lora(run.task.unet, run.out / "lora")
+        print_table(base, final, summary["wall_s"], run.out)
     return summary
 
 
 def print_table(base: dict, final: dict, wall_s: float, out: Path) -> None:
     print(f"\n{'':14s}{'base':>12s}{'fine-tuned':>12s}")
-    for key, label in (("reward", "reward"), ("diversity", "diversity"), ("fd", "fd"), ("kl", "KL (nats)")):
+    for key, label in (("reward", "reward"), ("diversity", "diversity"), ("fd", "fd"), ("path_kl", "path KL")):
         print(f"{label:14s}{base[key]:12.4f}{final[key]:12.4f}")
-    print(f"diversity kept: {100 * final['diversity'] / base['diversity']:.0f}% of base | wall {wall_s:.0f} s | "
-          f"run directory {out}")
+    print(f"path KL in nats to the base model | diversity kept: {100 * final['diversity'] / base['diversity']:.0f}% "
+          f"of base | wall {wall_s:.0f} s | run directory {out}")
+
+
+def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | None = None) -> dict:
+    """Build (or resume) the run, train it to cfg.steps, finish it; returns the summary."""
+    run = build_run(cfg, ctx or Context(device=resolve_device(cfg.device)), resume)
+    train_until(run, cfg.steps)
+    return finish(run)
+
+
+def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
+    """Train in this process: alone, or as one rank of a torchrun / accelerate launch (WORLD_SIZE > 1)."""
+    with launch(cfg.device) as ctx, ops.use_backend(cfg.kernels):
+        return train(cfg, resume, ctx)
 
 
 def main(argv: list[str] | None = None) -> None:
