@@ -19,10 +19,10 @@ from sd_fixtures import (
 )
 from transformers import CLIPTextModel, CLIPVisionConfig
 
-from sqdf_fast import checkpoint, config, ops
+from sqdf_fast import checkpoint, config, ops, tasks
 from sqdf_fast.adapters import POLICY, adapter_state_dict, adapters_disabled, add_policy_lora, only_adapter
 from sqdf_fast.consistency import ConsistencyModel, boundary_scalings
-from sqdf_fast.memory import parameter_bytes, saved_tensor_bytes
+from sqdf_fast.memory import Checkpointed, parameter_bytes, saved_tensor_bytes
 from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import sd
@@ -296,6 +296,15 @@ def test_checkpointing_keeps_gradients_and_saves_memory(tiny):
     assert results[(True, True, True)][2] == min(r[2] for r in results.values())
 
 
+def test_build_puts_a_named_reward_under_the_tasks_checkpointing_switch(tiny):
+    import rewards_for_tests
+    for on in (False, True):
+        cfg = tiny_sd_config(tiny[0], "unused", reward="rewards_for_tests:image_mean", checkpoint_reward=on)
+        task = tasks.build(cfg, torch.device("cpu"))
+        assert isinstance(task.reward, Checkpointed) and task.reward.enabled is on
+        assert task.reward.fn is rewards_for_tests.image_mean
+
+
 def test_saved_tensor_bytes_counts_distinct_storages():
     x = torch.randn(1000, requires_grad=True)
     weight = torch.randn(1000, requires_grad=True)
@@ -314,7 +323,7 @@ def test_train_run_writes_the_run_directory(tiny, tmp_path):
     for name in ("config.json", "metrics.jsonl", "summary.json", "samples_base.png", "samples_final.png",
                  "curves.png", "checkpoint/adapter.safetensors"):
         assert (out / name).is_file(), name
-    assert summary["steps"] == 2 and summary["kl_final"] > 0
+    assert summary["steps"] == 2 and summary["path_kl_final"] > 0
     assert abs(summary["fd_base"]) < 1e-6 and summary["fd_final"] > 0   # fd: drift from the base model's samples
     _, state = checkpoint.load(out)
     assert sorted(state["base_features"]) == list(range(45, 51))
