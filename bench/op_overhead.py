@@ -6,8 +6,10 @@ Times `ops.policy_step` (on the backend `ops.backend_for("cpu")` names) against 
 (`eager_policy_step` of bench/kernels.py: what a user writes without our ops), float32 on the CPU, x and eps
 requiring grad as in a training step, in two modes: `forward` and `full` (forward + torch.autograd.grad of both
 outputs with fixed grad_outputs). Each sample times --inner back-to-back calls; ours and eager alternate sample by
-sample so that other processes on the cores slow both alike; the row holds the median over --samples samples in
-microseconds per call, and `ratio` = ours / eager (below 1: ours is cheaper).
+sample so that other processes on the cores slow both alike. A row holds, in microseconds per call, the medians over
+--samples samples (`ours_us`, `eager_us`, `ratio` = ours / eager: below 1, ours is cheaper); the median of the
+ratios of adjacent samples (`paired_ratio`: robust to contention that comes and goes, since neighbours share it);
+and the 10th percentiles (`*_p10_us`, `p10_ratio`: the cost without contention, on a shared machine).
 
 Prints a table and appends the rows (with the command, the label and a shared run_id) to
 bench/results/op_overhead.jsonl unless --no-append. Runs against whichever `sqdf_fast` is importable first
@@ -78,7 +80,7 @@ def parse_args(argv):
     parser.add_argument("--label", default="", help="what this run measures (e.g. before, after)")
     parser.add_argument("--shapes", default="1x4x8x8,4x4x32x32,1x4x64x64")
     parser.add_argument("--samples", type=int, default=101)
-    parser.add_argument("--inner", type=int, default=50)
+    parser.add_argument("--inner", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--no-append", action="store_true")
     return parser.parse_args(argv)
@@ -99,19 +101,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for _ in range(args.warmup):
                     fn()
             times = {name: [] for name in impls}
-            for _ in range(args.samples):  # interleaved: contention hits both alike
-                for name, fn in impls.items():
-                    times[name].append(time_us(fn, args.inner))
+            for i in range(args.samples):  # interleaved, alternating which goes first: contention hits both alike
+                for name in sorted(impls, reverse=i % 2 == 1):
+                    times[name].append(time_us(impls[name], args.inner))
             ours, peer = (statistics.median(times[n]) for n in ("ours", "eager"))
+            paired = statistics.median(o / e for o, e in zip(times["ours"], times["eager"]))
+            fast = {n: statistics.quantiles(times[n], n=10)[0] for n in impls}
             rows.append(dict(op="policy_step", mode=mode, shape=list(shape), dtype="float32", backend=backend,
                              ours_us=round(ours, 2), eager_us=round(peer, 2), ratio=round(ours / peer, 3),
+                             paired_ratio=round(paired, 3), ours_p10_us=round(fast["ours"], 2),
+                             eager_p10_us=round(fast["eager"], 2), p10_ratio=round(fast["ours"] / fast["eager"], 3),
                              samples=args.samples, inner=args.inner, threads=torch.get_num_threads(),
                              label=args.label, sqdf_fast=str(Path(ops.__file__).parent.parent), env=env,
                              command=command, run_id=run_id, torch=torch.__version__, python=platform.python_version(),
                              loadavg=os.getloadavg()[0], timestamp=time.strftime("%Y-%m-%dT%H:%M:%S")))
             row = rows[-1]
             print(f"{'x'.join(map(str, shape)):>12s} {mode:8s} ours {row['ours_us']:9.1f} us  "
-                  f"eager {row['eager_us']:9.1f} us  ours/eager {row['ratio']:.3f}  ({backend})", flush=True)
+                  f"eager {row['eager_us']:9.1f} us  ours/eager {row['ratio']:.3f} (paired {row['paired_ratio']:.3f}, "
+                  f"p10 {row['ours_p10_us']:.1f} / {row['eager_p10_us']:.1f} = {row['p10_ratio']:.3f})  ({backend})",
+                  flush=True)
     if not args.no_append:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:

@@ -46,7 +46,10 @@ def per_sample(name: str, value, x: Tensor, low_open: float, high: float) -> Ten
         if value.device != x.device:
             raise ValueError(f"{name} is on {value.device}, expected {x.device}")
         if value.is_cpu and not torch.compiler.is_compiling():
-            lowest, highest = (float(v) for v in torch.aminmax(value))  # one pass: this runs on every step
+            # this runs on every step: one value reads directly, more take one pass of aminmax
+            lowest = highest = float(value) if value.numel() == 1 else None
+            if lowest is None:
+                lowest, highest = (float(v) for v in torch.aminmax(value))
             if not (low_open < lowest and highest <= high):  # NaN fails too
                 raise ValueError(f"{name} must lie in ({low_open}, {high}], got values in [{lowest}, {highest}]")
         if value.dtype != ct:  # a no-op .to() still costs about a microsecond

@@ -166,7 +166,7 @@ def _out(t: Tensor | None) -> int | None:
 
 
 def _empty(like: Tensor, wanted: bool) -> Tensor | None:
-    return torch.empty(like.shape, dtype=like.dtype) if wanted else None
+    return torch.empty_like(like) if wanted else None
 
 
 def _call(fn, *args) -> None:
@@ -182,13 +182,12 @@ def guided_step_forward(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, 
     code, batch, d = _sizes(x)
     _check_guidance(eps_uncond, eps_ref_cond, eps_ref_uncond)
     ct, n, dtype = compute_dtype(x.dtype), batch * d, x.dtype
-    x_prev = torch.empty(x.shape, dtype=dtype)
+    x_prev = torch.empty_like(x)  # contiguous like x (checked below); cheaper than torch.empty(shape)
     kl = torch.empty(batch if eps_ref_cond is not None else 0, dtype=ct)
     _call(lib.sqdf_guided_step_forward, code, batch, d, _ptr(x, n, dtype), _ptr(eps_cond, n, dtype),
           _ptr(eps_uncond, n, dtype), _ptr(eps_ref_cond, n, dtype), _ptr(eps_ref_uncond, n, dtype),
           _ptr(noise, n, dtype), _ptr(alpha_t, batch, ct), _ptr(alpha_prev, batch, ct), float(eta), float(w),
-          x_prev.data_ptr(),
-          _out(kl if eps_ref_cond is not None else None), torch.get_num_threads())
+          x_prev.data_ptr(), _out(kl if eps_ref_cond is not None else None), torch.get_num_threads())
     return x_prev, kl
 
 
@@ -207,8 +206,7 @@ def guided_step_backward(grad_x_prev: Tensor | None, grad_kl: Tensor | None, eps
     _call(lib.sqdf_guided_step_backward, code, batch, d, _ptr(grad_x_prev, n, dtype), _ptr(grad_kl, batch, ct),
           _ptr(eps_cond, n, dtype), _ptr(eps_uncond, n, dtype), _ptr(eps_ref_cond, n, dtype),
           _ptr(eps_ref_uncond, n, dtype), _ptr(alpha_t, batch, ct), _ptr(alpha_prev, batch, ct), float(eta), float(w),
-          *map(_out, grads),
-          torch.get_num_threads())
+          *map(_out, grads), torch.get_num_threads())
     return grads
 
 
@@ -217,7 +215,7 @@ def x0_estimate_forward(x: Tensor, eps: Tensor, alpha_t: Tensor, c_skip: Tensor 
     lib = _lib()
     code, batch, d = _sizes(x)
     ct, n = compute_dtype(x.dtype), batch * d
-    x0 = torch.empty(x.shape, dtype=x.dtype)
+    x0 = torch.empty_like(x)
     _call(lib.sqdf_x0_estimate_forward, code, batch, d, _ptr(x, n, x.dtype), _ptr(eps, n, x.dtype),
           _ptr(alpha_t, batch, ct), _ptr(c_skip, batch, ct), _ptr(c_out, batch, ct), x0.data_ptr(),
           torch.get_num_threads())

@@ -6,8 +6,8 @@ environment variable SQDF_KERNELS; a choice that cannot run on the tensors' devi
 falling back, so a benchmark or test never measures the wrong thing.
 
 The answer is computed once per (device type, choice, environment) and cached: an op call pays a dict lookup, and
-a change of `use_backend` or SQDF_KERNELS (or TRITON_INTERPRET, which decides whether Triton can run CPU tensors)
-is a different key. Errors are not cached.
+a change of `use_backend` or SQDF_KERNELS (or of TRITON_INTERPRET where Triton is asked for CPU tensors) is a
+different key. Errors are not cached.
 """
 from __future__ import annotations
 
@@ -98,7 +98,9 @@ def _resolve(device_type: str) -> tuple[str, str]:
 
 def resolve_type(device_type: str) -> tuple[str, str]:
     """(backend, why) for tensors on devices of `device_type`."""
-    return _cached((device_type, _override, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")))
+    choice = _override or os.environ.get(ENV_VAR)  # reading the environment costs a microsecond: only when it counts
+    interpret = os.environ.get("TRITON_INTERPRET") if choice == "triton" and device_type == "cpu" else None
+    return _cached((device_type, _override, choice, interpret))
 
 
 @torch.compiler.assume_constant_result  # traced once per key: compiled code holds the answer, not the lookup

@@ -27,8 +27,7 @@ def _check_eta(eta, has_ref: bool) -> None:
 
 
 def _check(x, tensors: dict, alpha_t, alpha_prev, eta, has_ref: bool) -> tuple[Tensor, Tensor]:
-    """Checks of every step variant; returns alpha_t, alpha_prev as the launchers' (B,) tensors."""
-    check_x(x)
+    """Checks of every step variant after check_x; returns alpha_t, alpha_prev as the launchers' (B,) tensors."""
     for name, value in tensors.items():
         if value is not None:
             check_tensor(name, value, x)
@@ -61,6 +60,7 @@ def guided_policy_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, g
     """`policy_step` with classifier-free guidance folded in: eps = eps_u + w (eps_c - eps_u), the same for the
     reference, each of the (up to) four model outputs read once. eps_uncond None means the conditional output
     alone (guidance unused); noise None means zero noise. kl is float32 (float64 for float64 inputs)."""
+    check_x(x)
     alpha_t, alpha_prev = _check(x, {"eps_cond": eps_cond, "eps_uncond": eps_uncond, "noise": noise,
                                      "eps_ref_cond": eps_ref_cond, "eps_ref_uncond": eps_ref_uncond},
                                  alpha_t, alpha_prev, eta, eps_ref_cond is not None)

@@ -1,0 +1,81 @@
+"""The x0 estimate (`ops.tweedie_x0`, `consistency_x0`; sqdf_fast/ops/x0_estimate.py) on every backend x dtype x
+shape x layout against the float64 reference, to the precision rule of `ops_common`; 16-bit rounding; gradcheck in
+float64; bad input.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ops_common import DTYPES, F64, LAYOUTS, SHAPES, assert_precision, make, schedule_values, zeros
+
+from sqdf_fast import ops
+from sqdf_fast.ops import reference
+
+
+@pytest.mark.parametrize("scalings", [False, True], ids=["tweedie", "consistency"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_x0_estimate_forward_backward(backend, gen, dtype, shape, layout, scalings):
+    x, eps = (make(gen, shape, dtype, layout).requires_grad_() for _ in range(2))
+    a, _ = schedule_values(shape[0])
+    c_skip, c_out = (torch.rand(shape[0], generator=gen, dtype=F64) for _ in range(2)) if scalings else (None, None)
+    got = ops.consistency_x0(x, eps, a, c_skip, c_out) if scalings else ops.tweedie_x0(x, eps, a)
+    x64, eps64 = (v.detach().double().requires_grad_() for v in (x, eps))
+    exact = reference.consistency_x0(x64, eps64, a, 0.0 if c_skip is None else c_skip, 1.0 if c_out is None else c_out)
+    xp, epsp = (v.detach().requires_grad_() for v in (x, eps))
+    plain = reference.consistency_x0(xp, epsp, a.to(dtype), 0.0 if c_skip is None else c_skip.to(dtype),
+                                     1.0 if c_out is None else c_out.to(dtype))
+    assert got.dtype == dtype and got.shape == shape
+    assert_precision("x0", got, exact, plain, dtype)
+    g = make(gen, shape, dtype)
+    for name, grads, e, p in zip(("x", "eps"), torch.autograd.grad((got * g).sum(), (x, eps)),
+                                 torch.autograd.grad((exact * g.double()).sum(), (x64, eps64)),
+                                 torch.autograd.grad((plain * g).sum(), (xp, epsp))):
+        assert_precision(f"grad {name}", grads, e, p, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # inf and NaN inputs, on purpose
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_16_bit_outputs_round_to_nearest_even(backend, gen, dtype):
+    """The fused backends compute in fp32 and round once: x0 with c_skip = s and c_out = 0 is s * x, so every
+    16-bit value must survive s = 1 bitwise (NaN stays NaN), and any product must round exactly as torch rounds it
+    (ties to even, overflow to inf, gradual underflow). The Triton interpreter truncates to bf16, so this also
+    checks the kernels' explicit rounding there."""
+    if backend == "torch":
+        pytest.skip("the reference computes in the input dtype")
+    every_value = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)[:, None]
+    half, zero = torch.full((every_value.shape[0],), 0.5), torch.zeros(every_value.shape[0])
+    same = ops.consistency_x0(every_value, torch.ones_like(every_value), half, half * 2, zero)
+    torch.testing.assert_close(same, every_value, rtol=0, atol=0, equal_nan=True)
+
+    finfo = torch.finfo(dtype)
+    magnitudes = torch.cat([
+        torch.logspace(math.log2(finfo.tiny) - 12, math.log2(finfo.max) + 1, 4000, base=2.0, dtype=F64),
+        torch.tensor([finfo.max, finfo.tiny, finfo.tiny / 8, 0.0, math.inf, math.nan], dtype=F64)])
+    x = (magnitudes * torch.randn(magnitudes.shape, generator=gen, dtype=F64).sign()).to(dtype)[:, None]
+    # 1.5 x makes exact ties between two 16-bit neighbours, which must go to the even one
+    scale = torch.where(torch.arange(x.shape[0]) % 2 == 0, 1.5, 0.25 + 1.5 * torch.rand(x.shape[0], generator=gen))
+    got = ops.consistency_x0(x, torch.ones_like(x), torch.full_like(scale, 0.5), scale, torch.zeros_like(scale))
+    torch.testing.assert_close(got, (scale[:, None] * x.float()).to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+def test_gradcheck_x0_estimate(backend, gen):
+    a, _ = schedule_values(4)
+    c_skip, c_out = torch.rand(4, generator=gen, dtype=F64), torch.rand(4, generator=gen, dtype=F64)
+    x, eps = (make(gen, (4, 3), F64).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x, eps: ops.consistency_x0(x, eps, a, c_skip, c_out), (x, eps))
+    assert torch.autograd.gradcheck(lambda x, eps: ops.tweedie_x0(x, eps, a), (x, eps))
+
+
+@pytest.mark.parametrize("override, match", [
+    pytest.param(dict(eps=zeros(2, 4)), "^eps has shape", id="eps shape"),
+    pytest.param(dict(alpha_t=0.0), "alpha_t", id="alpha_t=0"),
+    pytest.param(dict(alpha_t=torch.full((3,), 0.5, dtype=F64)), "alpha_t", id="alpha_t length"),
+    pytest.param(dict(x=zeros(0, 3), eps=zeros(0, 3)), "^x must have a non-empty batch", id="empty batch"),
+])
+def test_tweedie_rejects_bad_input(backend, override, match):
+    with pytest.raises(ValueError, match=match):
+        ops.tweedie_x0(**{**dict(x=zeros(2, 3), eps=zeros(2, 3), alpha_t=0.5), **override})
