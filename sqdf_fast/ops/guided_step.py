@@ -35,12 +35,16 @@ def _check(x, tensors: dict, alpha_t, alpha_prev, eta, has_ref: bool) -> tuple[T
     return per_sample("alpha_t", alpha_t, x, 0.0, 1.0), per_sample("alpha_prev", alpha_prev, x, 0.0, 1.0)
 
 
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _run(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w):
     """The validated step on the backend in force: (x_prev, kl or None)."""
     backend = dispatch.resolve_type(x.device.type)[0]
-    x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise = (
-        None if t is None else t.contiguous() for t in (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise))
-    eta, w = float(eta), float(w)
+    x, eps_cond, eta, w = x.contiguous(), eps_cond.contiguous(), float(eta), float(w)
+    eps_uncond, eps_ref_cond, eps_ref_uncond, noise = (_contiguous(eps_uncond), _contiguous(eps_ref_cond),
+                                                       _contiguous(eps_ref_uncond), _contiguous(noise))
     if backend == "torch":
         x_prev, kl = reference.guided_policy_step(x, eps_cond, eps_uncond, w, alpha_t, alpha_prev, eta, noise,
                                                   eps_ref_cond, eps_ref_uncond)
