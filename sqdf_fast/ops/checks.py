@@ -26,8 +26,13 @@ def check_tensor(name: str, value, like: Tensor | None = None) -> None:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
         if value.dtype != like.dtype:
             raise ValueError(f"{name} has dtype {value.dtype}, expected {like.dtype}")
-        if value.device != like.device:
+        if not same_device(value, like):
             raise ValueError(f"{name} is on {value.device}, expected {like.device}")
+
+
+def same_device(a: Tensor, b: Tensor) -> bool:
+    # is_cpu is a flag; .device builds a torch.device object, a third of a microsecond per tensor and call
+    return a.is_cpu and b.is_cpu or a.device == b.device
 
 
 def check_x(x) -> None:
@@ -43,7 +48,7 @@ def per_sample(name: str, value, x: Tensor, low_open: float, high: float) -> Ten
     if isinstance(value, Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(value.shape)}")
-        if value.device != x.device:
+        if not same_device(value, x):
             raise ValueError(f"{name} is on {value.device}, expected {x.device}")
         if value.is_cpu and not torch.compiler.is_compiling():
             # this runs on every step: one value reads directly, more take one pass of aminmax
