@@ -48,7 +48,7 @@ def main() -> None:
         handle.write(json.dumps(row) + "\n")
     print(f"\n{'figure':18s}{'value':>12s}")
     for key in ("process_wall_s", "reward_base", "reward_final", "diversity_base", "diversity_final",
-                "diversity_kept", "fd_base", "fd_final", "kl_final"):
+                "diversity_kept", "fd_base", "fd_final", "path_kl_final"):
         print(f"{key:18s}{row[key]:12.4f}")
     print(f"appended to {args.json}")
 

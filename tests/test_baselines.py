@@ -1,5 +1,6 @@
-"""The baselines (sqdf_fast/baselines.py) on the digits task: where each one's gradient flows, that their chains are
-the sampler's, that each trains end to end, and that their options are checked."""
+"""The baselines (sqdf_fast/methods/baselines.py) on the digits task: where each one's gradient flows, that their
+chains are the sampler's, that each trains end to end through the trainer's one method interface, and that their
+options are checked."""
 import json
 
 import pytest
@@ -8,8 +9,9 @@ from safetensors.torch import load_file
 
 from sqdf_fast import config
 from sqdf_fast.adapters import add_policy_lora
-from sqdf_fast.baselines import chain, host_randint
-from sqdf_fast.method import METHODS, make_method
+from sqdf_fast.methods import METHODS, build
+from sqdf_fast.methods.baselines import ChainMethod, alignprop_range, host_randint, refl_range
+from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.ops import reference
 from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
@@ -30,7 +32,7 @@ def setup(method="draft", perturb=False, **overrides):
         with torch.no_grad():
             for p in params:
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    return cfg, task, schedule, make_method(task, schedule, cfg)
+    return cfg, task, schedule, build(task, schedule, cfg)
 
 
 def inputs(task, seed=0):
@@ -47,10 +49,10 @@ class Recorder:
         self.index = {int(t): j for j, t in enumerate(schedule.timesteps)}
         task.eps = self
 
-    def __call__(self, unet, x, t, cond):
+    def __call__(self, x, t, cond):
         call = [self.index[int(t[0])], x, None]
         self.calls.append(call)   # before the call: a checkpoint's recomputation stops early, inside it
-        call[2] = self.inner(unet, x, t, cond)
+        call[2] = self.inner(x, t, cond)
         return call[2]
 
     def trained(self, loss):
@@ -61,28 +63,36 @@ class Recorder:
 
 
 def test_registry_matches_the_config_choices():
-    assert tuple(METHODS) == config.METHOD_CHOICES
-    for name in BASELINES:
-        assert METHODS[name].trains_on == "chains"
-    assert METHODS["sqdf"].trains_on == "states"
+    assert tuple(METHODS) == config.FIELDS["method"].metadata["choices"]
+    assert set(METHODS) == {"sqdf", *BASELINES}
+    for name in BASELINES:   # on-policy chains, no buffer
+        assert issubclass(METHODS[name][0], ChainMethod)
+    assert METHODS["sqdf"][0] is SQDF   # replayed states
+    for name, (cls, line) in METHODS.items():
+        assert line in config.FIELDS["method"].metadata["help"], name
+        _, task, schedule, method = setup(name)
+        assert type(method) is cls
+    with pytest.raises(ValueError, match="method='ppo'"):
+        build(task, schedule, config.TrainConfig(method="ppo"))
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_draft_trains_the_last_k_transitions(k):
     _, task, schedule, method = setup("draft", draft_k=k)
     recorder = Recorder(task, schedule)
-    loss, stats, fresh = method.chain_loss(*inputs(task))
+    loss, reward_q, kl_term, (images, reward) = method.chain_loss(*inputs(task))
     assert recorder.trained(loss) == list(range(T - k, T))
     assert [j for j, _, out in recorder.calls] == list(range(T))   # one policy forward per transition, no reference
-    assert float(stats["kl_term"]) == 0 and fresh["reward"].shape == (B,)
-    torch.testing.assert_close(loss.detach(), -fresh["reward"].mean())
+    assert kl_term is None and reward.shape == (B,) and images.shape[0] == B
+    torch.testing.assert_close(loss.detach(), -reward.mean())
+    torch.testing.assert_close(reward_q, reward)   # trained on the sample itself
 
 
 def test_draft_lv_reruns_the_last_transition_on_fresh_renoisings():
     n = 3
     _, task, schedule, method = setup("draft-lv", lv_samples=n)
     recorder = Recorder(task, schedule)
-    loss, stats, fresh = method.chain_loss(*inputs(task))
+    loss, reward_q, kl_term, (images, reward) = method.chain_loss(*inputs(task))
     calls = recorder.calls
     assert [j for j, _, _ in calls] == list(range(T)) + [T - 1]   # the chain, then the n copies in one batch
     (_, x_last, _), (_, renoised, extra) = calls[T - 1], calls[T]
@@ -92,26 +102,29 @@ def test_draft_lv_reruns_the_last_transition_on_fresh_renoisings():
     assert not torch.allclose(copies[0], copies[1]) and not torch.allclose(copies[0], x_last)   # fresh noise
     # the copies are x_0 re-noised to the last transition's input level
     a = schedule.alpha_t[T - 1]
-    x0 = fresh["images"]   # digits decodes to the latent itself
+    x0 = images.detach()   # digits decodes to the latent itself
     noise = (copies - a.sqrt() * x0) / (1 - a).sqrt()
     assert 0.5 < float(noise.std()) < 1.5
     # the loss averages the reward over all n + 1 samples, not only the chain's own
-    torch.testing.assert_close(loss.detach(), -stats["reward_q"])
-    assert float(stats["reward_q"]) != pytest.approx(float(fresh["reward"].mean()))
+    assert kl_term is None and reward_q.shape == ((n + 1) * B,) and reward.shape == (B,)
+    torch.testing.assert_close(loss.detach(), -reward_q.mean())
+    assert float(reward_q.detach().mean()) != pytest.approx(float(reward.detach().mean()))
 
 
 @pytest.mark.parametrize("k", [1, T - 2, T - 1])
 def test_refl_trains_transition_k_and_the_matching_estimate(k):
     _, task, schedule, method = setup("refl", refl_lo=k, refl_hi=k)
     recorder = Recorder(task, schedule)
-    loss, stats, fresh = method.chain_loss(*inputs(task))
+    cond, x_T, g = inputs(task)
+    loss, reward_q, _, _ = method.chain_loss(cond, x_T, g)
     assert [j for j, _, _ in recorder.calls] == list(range(T))   # the estimate's forward is the next transition's
     assert recorder.trained(loss) == ([k, k + 1] if k < T - 1 else [k])
     if k < T - 1:
         # x0_hat is Tweedie of the policy's epsilon at x^(K+1) with the timestep x^(K+1) is at (t_{K+1}, not t_K)
         _, x, eps = recorder.calls[k + 1]
         x0_hat = reference.tweedie_x0(x, eps, schedule.alpha_t[k + 1])
-        torch.testing.assert_close(stats["reward_q"], task.reward(x0_hat, fresh["cond"]).mean())
+        torch.testing.assert_close(reward_q, task.reward(x0_hat, cond))
+    torch.testing.assert_close(loss.detach(), -reward_q.mean())
 
 
 def test_refl_stop_is_uniform_over_its_range():
@@ -130,7 +143,7 @@ def test_alignprop_trains_the_last_k_with_checkpointing():
     k = 2
     _, task, schedule, method = setup("alignprop", alignprop_min_k=k, alignprop_max_k=k)
     recorder = Recorder(task, schedule)
-    loss, _, _ = method.chain_loss(*inputs(task))
+    loss, _, _, _ = method.chain_loss(*inputs(task))
     assert recorder.trained(loss) == list(range(T - k, T))
     before = len(recorder.calls)
     loss.backward()
@@ -140,7 +153,7 @@ def test_alignprop_trains_the_last_k_with_checkpointing():
 
 def test_alignprop_default_range_is_the_whole_chain():
     cfg = config.TrainConfig(method="alignprop", sample_steps=T)
-    assert config.alignprop_range(cfg) == (1, T)
+    assert alignprop_range(cfg) == (1, T)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -148,13 +161,14 @@ def test_draft_kl_reward_gradient_last_k_and_kl_gradient_everywhere(k):
     for alpha, expected in ((0.0, list(range(T - k, T))), (0.5, list(range(T)))):
         _, task, schedule, method = setup("draft-kl", perturb=True, draft_k=k, alpha=alpha)
         recorder = Recorder(task, schedule)
-        loss, stats, fresh = method.chain_loss(*inputs(task))
+        loss, reward_q, kl_term, (_, reward) = method.chain_loss(*inputs(task))
         assert recorder.trained(loss) == expected, alpha
         with_grad = [j for j, _, out in recorder.calls if out.requires_grad]
         without = [j for j, _, out in recorder.calls if not out.requires_grad]
         assert with_grad == list(range(T)) and without == list(range(T))   # one policy + one reference per step
-        assert float(stats["kl_term"]) > 0
-        expected_loss = (-fresh["reward"] + alpha * stats["kl_term"]).mean()
+        assert kl_term.shape == (B,) and float(kl_term.mean()) > 0
+        torch.testing.assert_close(reward_q, reward)
+        expected_loss = (-reward + alpha * kl_term).mean()
         torch.testing.assert_close(loss.detach(), expected_loss)
 
 
@@ -163,19 +177,31 @@ def test_chain_without_gradient_is_the_rollout(guidance):
     cfg, task, schedule, method = setup(perturb=True, guidance=guidance)
     cond, x_T, g = inputs(task)
     with torch.no_grad():
-        end = chain(method, x_T, cond, g, grad_from=T)
+        end = method.chain(x_T, cond, g, grad_from=T)
     _, expected, _ = rollout(method.policy_eps, schedule, x_T, cond, cfg.eta, inputs(task)[2])
     torch.testing.assert_close(end.x, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_each_method_samples_what_the_rollout_samples(name):
-    cfg, task, schedule, method = setup(name, perturb=True, refl_lo=1, refl_hi=1)
-    cond, x_T, g = inputs(task)
-    _, _, fresh = method.chain_loss(cond, x_T, g)
+    """Through the trainer's interface: micro_loss draws (cond, x_T) as `inputs` does, and `fresh` holds the chain's
+    final samples, those of the sampler."""
+    cfg, task, schedule, method = setup(name, perturb=True, refl_lo=1, refl_hi=1, batch_size=2 * B, grad_accum=2)
+    cond, x_T, _ = inputs(task)
+    g = torch.Generator().manual_seed(0)   # the trainer's generator, as `inputs` seeds it
+    method.prepare(0, g)
+    _, stats = method.micro_loss(0, g)
+    assert method.fresh is None   # the step's samples are complete after its last micro-batch
     _, expected, _ = rollout(method.policy_eps, schedule, x_T, cond, cfg.eta, inputs(task)[2])
-    torch.testing.assert_close(fresh["images"], task.decode(expected), rtol=1e-5, atol=1e-5)
-    assert not fresh["images"].requires_grad and torch.equal(fresh["cond"], cond)
+    second = method.micro_loss(1, g)[1]
+    fresh = method.fresh
+    assert fresh["images"].shape[0] == fresh["reward"].shape[0] == fresh["cond"].shape[0] == 2 * B
+    torch.testing.assert_close(fresh["images"][:B], task.decode(expected), rtol=1e-5, atol=1e-5)
+    assert not fresh["images"].requires_grad and torch.equal(fresh["cond"][:B], cond)
+    torch.testing.assert_close(fresh["reward"][:B], task.reward(fresh["images"][:B], cond))
+    for s in (stats, second):
+        assert set(s) == {"reward_q", "kl_term"} and s["reward_q"].shape == s["kl_term"].shape == ()
+        assert (float(s["kl_term"]) > 0) == (name == "draft-kl")
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -191,7 +217,7 @@ def test_short_training_run(tmp_path, name):
     assert [r["step"] for r in trained] == [1, 2]
     assert all(k in r for r in trained for k in ("reward", "reward_q", "kl_term", "diversity"))
     assert all(r["kl_term"] == 0 for r in trained) or name == "draft-kl"
-    assert summary["kl_final"] > 0   # the policy moved
+    assert summary["path_kl_final"] > 0   # the policy moved
 
 
 def test_resumed_refl_run_draws_the_same_stops(tmp_path):
@@ -238,6 +264,6 @@ def test_bad_baseline_options_are_one_clear_line(tmp_path, args, name):
 
 
 def test_refl_range_counts_negative_indices_from_the_end():
-    assert config.refl_range(config.TrainConfig(sample_steps=20)) == (14, 19)   # the last 30 %
-    assert config.refl_range(config.TrainConfig(sample_steps=4)) == (0, 3)      # clipped to the chain
-    assert config.refl_range(config.TrainConfig(sample_steps=20, refl_lo=3, refl_hi=-2)) == (3, 18)
+    assert refl_range(config.TrainConfig(sample_steps=20)) == (14, 19)   # the last 30 %
+    assert refl_range(config.TrainConfig(sample_steps=4)) == (0, 3)      # clipped to the chain
+    assert refl_range(config.TrainConfig(sample_steps=20, refl_lo=3, refl_hi=-2)) == (3, 18)

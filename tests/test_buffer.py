@@ -1,4 +1,4 @@
-"""ReplayBuffer (ring semantics, samplers, checkpointing) and `method.sample_steps`.
+"""ReplayBuffer (ring semantics, samplers, checkpointing) and `methods.sqdf.sample_steps`.
 
 The samplers are checked statistically with fixed-seed generators, so every run draws the same numbers; the
 thresholds (p = 1e-3) are there to keep the tests meaningful, not to tolerate flakiness.
@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from sqdf_fast.buffer import ReplayBuffer
-from sqdf_fast.method import sample_steps
+from sqdf_fast.methods.sqdf import sample_steps
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def buffer_with_rewards(rewards, num_steps: int, copies: int = 1) -> ReplayBuffe
     """A buffer holding `copies` trajectories of each reward: slot i has reward rewards[i % len(rewards)]."""
     size = len(rewards) * copies
     buffer = make_buffer(capacity=size + 2, num_steps=num_steps, sample_shape=(1,), cond_shape=())
-    buffer.add(*trajectories(buffer, size, torch.Generator().manual_seed(0), rewards * copies), step=0)
+    buffer.add(*trajectories(buffer, size, torch.Generator().manual_seed(0), rewards * copies))
     return buffer
 
 
@@ -86,29 +86,29 @@ def reward_gamma_probs(rewards, num_steps: int, gamma: float) -> torch.Tensor:
 def test_ring_overwrites_the_oldest_in_order(gen):
     capacity, num_steps = 5, 3
     buffer = make_buffer(capacity, num_steps)
-    # (2*2 float32 states per step, 3 int64 cond, float32 reward, int64 created) per slot, allocated once
-    assert buffer.nbytes == capacity * (num_steps * 4 * 4 + 3 * 8 + 4 + 8)
+    # (2*2 float32 states per step, 3 int64 cond, float32 reward) per slot, allocated once
+    assert buffer.nbytes == capacity * (num_steps * 4 * 4 + 3 * 8 + 4)
     nbytes = buffer.nbytes
     history = []  # every trajectory ever added, oldest first: trajectory g lives in slot g % capacity
-    for step, n in enumerate([2, 2, 3, 5, 1]):
+    for n in [2, 2, 3, 5, 1]:
         states, cond, reward = trajectories(buffer, n, gen)
-        buffer.add(states, cond, reward, step)
-        history += [(states[i], cond[i], reward[i], step) for i in range(n)]
+        buffer.add(states, cond, reward)
+        history += [(states[i], cond[i], reward[i]) for i in range(n)]
         assert buffer.size == min(len(history), capacity) and buffer.next == len(history) % capacity
         for g in range(max(0, len(history) - capacity), len(history)):
-            s, c, r, created = history[g]
+            s, c, r = history[g]
             slot = g % capacity
             assert torch.equal(buffer.states[slot], s) and torch.equal(buffer.cond[slot], c)
-            assert buffer.reward[slot] == r and buffer.created[slot] == created
+            assert buffer.reward[slot] == r
         assert buffer.nbytes == nbytes
 
 
 def test_too_many_at_once_or_unknown_sampler_raises(gen):
     buffer = make_buffer(capacity=4)
     with pytest.raises(ValueError, match="capacity"):
-        buffer.add(*trajectories(buffer, 5, gen), step=0)
+        buffer.add(*trajectories(buffer, 5, gen))
     assert buffer.size == 0
-    buffer.add(*trajectories(buffer, 3, gen), step=0)
+    buffer.add(*trajectories(buffer, 3, gen))
     for sampler in ("uniform", "newest"):   # distinct trajectories: at most size
         with pytest.raises(ValueError, match="cannot sample 4"):
             buffer.sample(4, sampler, gen)
@@ -121,7 +121,7 @@ def test_too_many_at_once_or_unknown_sampler_raises(gen):
 # uniform and newest -------------------------------------------------------------------------------------------------
 def test_uniform_draws_distinct_filled_slots_equally_often(gen):
     buffer = make_buffer(capacity=10)
-    buffer.add(*trajectories(buffer, 7, gen), step=0)
+    buffer.add(*trajectories(buffer, 7, gen))
     counts = torch.zeros(7)
     for _ in range(1500):
         slots, steps, weights = buffer.sample(3, "uniform", gen)
@@ -138,7 +138,7 @@ def test_newest_returns_the_latest_slots_across_wraparound(gen):
     total = 0
     for n in (3, 4, 2, 5):
         states, cond, reward = trajectories(buffer, n, gen)
-        buffer.add(states, cond, reward, step=total)
+        buffer.add(states, cond, reward)
         total += n
         for k in range(1, buffer.size + 1):
             slots, steps, weights = buffer.sample(k, "newest", gen)
@@ -204,20 +204,20 @@ def test_reward_gamma_importance_weights_give_the_uniform_mean(gen):
 # checkpointing and storage dtype -----------------------------------------------------------------------------------
 def test_state_dict_round_trip(gen):
     buffer = make_buffer(capacity=5)
-    for step, n in enumerate((3, 4)):  # wrapped around: next = 2
-        buffer.add(*trajectories(buffer, n, gen), step=step)
+    for n in (3, 4):  # wrapped around: next = 2
+        buffer.add(*trajectories(buffer, n, gen))
     blob = io.BytesIO()
     torch.save(buffer.state_dict(), blob)
     blob.seek(0)
     fresh = make_buffer(capacity=5)
     fresh.load_state_dict(torch.load(blob))
-    for name in ("states", "cond", "reward", "created"):
+    for name in ("states", "cond", "reward"):
         assert torch.equal(getattr(fresh, name), getattr(buffer, name)), name
     assert (fresh.size, fresh.next) == (buffer.size, buffer.next) == (5, 2)
     # the loaded ring carries on where the saved one stopped
     batch = trajectories(buffer, 2, gen)
-    buffer.add(*batch, step=2)
-    fresh.add(*batch, step=2)
+    buffer.add(*batch)
+    fresh.add(*batch)
     assert torch.equal(fresh.states, buffer.states) and fresh.next == buffer.next == 4
 
 
@@ -232,17 +232,17 @@ def test_load_state_dict_of_another_shape_raises(other):
 def test_bfloat16_storage(gen):
     buffer = make_buffer(capacity=4, dtype=torch.bfloat16)
     states, cond, reward = trajectories(buffer, 3, gen)
-    buffer.add(states, cond, reward, step=7)
+    buffer.add(states, cond, reward)
     assert buffer.states.dtype == torch.bfloat16
     assert torch.equal(buffer.states[:3], states.to(torch.bfloat16))  # stored rounded ...
     assert not torch.equal(buffer.states[:3].float(), states)          # ... which float32 randoms are not
-    assert buffer.reward[:3].tolist() == reward.tolist() and buffer.created[:3].tolist() == [7] * 3
-    assert buffer.nbytes == 4 * (3 * 4 * 2 + 3 * 8 + 4 + 8)
+    assert buffer.reward[:3].tolist() == reward.tolist()
+    assert buffer.nbytes == 4 * (3 * 4 * 2 + 3 * 8 + 4)
     slots, _, _ = buffer.sample(2, "uniform", gen)
     assert buffer.states[slots].dtype == torch.bfloat16
 
 
-# method.sample_steps -----------------------------------------------------------------------------------------------
+# methods.sqdf.sample_steps -------------------------------------------------------------------------------------------
 def test_sample_steps_uniform(gen):
     steps, weights = sample_steps(40_000, 8, "uniform", 0.9, gen, CPU)
     assert weights is None and steps.dtype == torch.long

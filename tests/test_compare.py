@@ -17,7 +17,7 @@ def test_tiny_comparison_writes_rows_report_and_plot(tmp_path, capsys):
                                                          ("sqdf-no-discount", 1), ("sqdf@alpha=0.5", 0),
                                                          ("sqdf@alpha=0.5", 1)]
     for row in rows:
-        assert {"method", "seed", "reward", "diversity", "fd", "kl", "wall_s", "base_reward"} <= row.keys()
+        assert {"method", "seed", "reward", "diversity", "fd", "path_kl", "wall_s", "base_reward"} <= row.keys()
     assert json.loads((out / "results.json").read_text()) == rows
     report = (out / "report.md").read_text()
     assert "| base model | 2 |" in report and "| sqdf-no-discount | 2 |" in report

@@ -18,15 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf_fast import config, ops, tasks
+from sqdf_fast import config, methods, ops, tasks
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora
-from sqdf_fast.buffer import ReplayBuffer
 from sqdf_fast.distributed import Context, tensors_digest
-from sqdf_fast.method import make_method
 from sqdf_fast.metrics import per_class_diversity
 from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
-from sqdf_fast.train import collect, draw, evaluate, main, make_optimizer, rank_seed
+from sqdf_fast.train import evaluate, main, make_optimizer, rank_seed
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -145,8 +143,8 @@ def test_ranks_hold_identical_adapters(runs):
     # ... while their random streams and buffer shards are their own
     generators = [entry["generator"] for entry in state["ranks"]]
     assert not torch.equal(*generators)
-    assert not torch.equal(*(entry["buffer"]["states"] for entry in state["ranks"]))
-    assert all(entry["buffer"]["states"].shape[0] == 16 // WORLD for entry in state["ranks"])
+    assert not torch.equal(*(entry["method"]["buffer"]["states"] for entry in state["ranks"]))
+    assert all(entry["method"]["buffer"]["states"].shape[0] == 16 // WORLD for entry in state["ranks"])
 
 
 def test_only_rank_0_writes(runs):
@@ -167,28 +165,28 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
     metrics the trainer logs (its training row, its base and step-1 evaluations)."""
     with ops.use_backend(cfg.kernels):
         ctx = Context()
-        task = tasks.resolve(cfg.task)(cfg)
+        task = tasks.build(cfg, ctx.device)
         schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, ctx.device)
         params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-        method = make_method(task, schedule, cfg)
+        # rank r's method: its share of the counts and its own buffer shard, on the one shared policy
+        rank_methods = [methods.build(task, schedule, cfg, WORLD) for _ in range(WORLD)]
         optimizer = make_optimizer(params, cfg, ctx.device)
-        base, _, _ = evaluate(method, cfg, ctx, with_kl=False)
-        cond_example = task.sample_conditions(1, torch.Generator().manual_seed(0))
+        base, _, _ = evaluate(rank_methods[0], cfg, ctx, with_kl=False)
         per_rank = []
-        for rank in range(WORLD):
+        for rank, method in enumerate(rank_methods):
+            assert method.buffer.capacity == cfg.buffer_size // WORLD
+            assert (method.rollout_size, method.micro_size) == (cfg.rollout_batch // WORLD, cfg.batch_size // WORLD)
             generator = torch.Generator().manual_seed(rank_seed(cfg.seed, rank))
-            buffer = ReplayBuffer(cfg.buffer_size // WORLD, cfg.sample_steps, task.sample_shape,
-                                  tuple(cond_example.shape[1:]), cond_example.dtype, ctx.device)
-            fresh = collect(method, cfg.rollout_batch // WORLD, cfg, generator)
-            buffer.add(fresh["states"], fresh["cond"], fresh["reward"], 0)
-            x, j, cond, weight = draw(0, cfg.batch_size // WORLD, None, buffer, cfg, schedule.num_steps, generator)
+            fresh = method.collect(method.rollout_size, generator)
+            method.buffer.add(fresh["states"], fresh["cond"], fresh["reward"])
+            x, j, cond, weight = method.draw(0, generator)
             loss, stats = method.loss(x, j, cond, weight, generator)
             (loss / WORLD).backward()
             per_rank.append({"loss": float(loss.detach()), "reward": float(fresh["reward"].mean()),
                              **{k: float(v) for k, v in stats.items()}, "fresh": fresh})
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         optimizer.step()
-        final, _, _ = evaluate(method, cfg, ctx, with_kl=True)
+        final, _, _ = evaluate(rank_methods[0], cfg, ctx, with_kl=True)
     row = {k: sum(r[k] for r in per_rank) / WORLD for k in ("loss", "reward", "reward_q", "kl_term")}
     features = task.features(torch.cat([r["fresh"]["images"] for r in per_rank]))
     row.update(grad_norm=grad_norm, diversity=per_class_diversity(features, torch.cat([r["fresh"]["cond"]
@@ -234,7 +232,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(runs, one_thread):
 
 
 def adapter_state_dict_at_init(cfg: config.TrainConfig) -> dict:
-    task = tasks.resolve(cfg.task)(cfg)
+    task = tasks.build(cfg, torch.device("cpu"))
     add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     return adapter_state_dict(task.unet)
 
@@ -247,7 +245,7 @@ def test_resume_with_two_ranks_equals_uninterrupted(runs):
     for key in adapter_a:
         torch.testing.assert_close(adapter_a[key], adapter_b[key], rtol=0, atol=0)
     summary_a, summary_b = (json.loads((run / "summary.json").read_text()) for run in (a, b))
-    for key in ("reward_final", "diversity_final", "fd_final", "kl_final"):
+    for key in ("reward_final", "diversity_final", "fd_final", "path_kl_final"):
         assert summary_a[key] == summary_b[key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     # b logged its own final evaluation at step 1 before being resumed

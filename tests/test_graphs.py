@@ -1,16 +1,20 @@
 """CUDA-graph rollouts (sqdf_fast.graphs) and the in-place adapter copy they rely on.
 
 On the CPU: the eager fallback equals `rollout`, the static-buffer path the graph captures (run uncaptured,
-`emulate=True`) equals `rollout` for the same generator, before and after an in-place LoRA update, and a parameter
-given new storage drops the cache. On CUDA (skipped here): the captured replay equals the eager rollout, also after
-an in-place LoRA update, and one graph per batch size is cached."""
+`emulate=True`) equals `rollout` for the same generator, before and after an in-place LoRA update, a parameter
+given new storage drops the cache, and SQDF's own sampler (`method.sampler`) follows --cuda-graphs. On CUDA
+(skipped here): the captured replay equals the eager rollout, also after an in-place LoRA update, and one graph per
+batch size is cached."""
+import dataclasses
+
 import pytest
 import torch
 
 from sqdf_fast import config
 from sqdf_fast.adapters import POLICY, adapter_state_dict, add_policy_lora, copy_adapter_in_place
-from sqdf_fast.graphs import GraphRollout, method_rollout
-from sqdf_fast.method import Method
+from sqdf_fast.graphs import GraphRollout
+from sqdf_fast.methods.base import Method
+from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks.sd_tiny import TINY_RESOLUTION, tiny_task
@@ -125,10 +129,21 @@ def test_new_storage_drops_the_cache():
 
 def test_collect_sampler_follows_the_flag(method):
     assert config.TrainConfig().cuda_graphs is False
-    on = method_rollout(method, method.cfg)
-    assert on is method_rollout(method, method.cfg) and on.enabled is False
+    sqdf = SQDF(method.task, method.schedule, method.cfg)
+    on = sqdf.sampler   # built once, in the constructor
+    assert isinstance(on, GraphRollout) and on.enabled is False and on.modules == [method.task.unet]
     x_T, cond = inputs(method, 2, 0)
     assert torch.equal(sampled(on, x_T, cond, 4)[1], eager(method, x_T, cond, 4)[1])
+    # collect samples with that sampler: the same object, one eager call more
+    calls = on.eager_calls
+    fresh = sqdf.collect(2, torch.Generator().manual_seed(5))
+    assert sqdf.sampler is on and on.eager_calls == calls + 1
+    generator = torch.Generator().manual_seed(5)
+    cond, x_T = sqdf.new_chain_start(2, generator)
+    states, x0, _ = rollout(method.policy_eps, method.schedule, x_T, cond, method.cfg.eta, generator)
+    assert torch.equal(fresh["cond"], cond) and torch.equal(fresh["states"], states)
+    assert torch.equal(fresh["images"], method.task.decode(x0))
+    assert SQDF(method.task, method.schedule, dataclasses.replace(method.cfg, cuda_graphs=True)).sampler.enabled
 
 
 # ---- CUDA only ---------------------------------------------------------------------------------------------------

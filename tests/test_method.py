@@ -4,7 +4,7 @@ import torch
 
 from sqdf_fast import config
 from sqdf_fast.adapters import adapters_disabled, add_policy_lora
-from sqdf_fast.method import SQDF
+from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.ops import reference
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import digits
@@ -128,7 +128,7 @@ def test_discount_exponent_is_steps_remaining(monkeypatch):
         seen.update(k=k, gamma=gamma, alpha=alpha)
         return original(reward, kl, k, gamma, alpha, weight)
 
-    monkeypatch.setattr("sqdf_fast.method.ops.sqdf_loss", spy)
+    monkeypatch.setattr("sqdf_fast.methods.sqdf.ops.sqdf_loss", spy)
     x, j, cond, g = batch(task)
     method.loss(x, j, cond, None, g)
     assert seen["k"].tolist() == [19, 16, 12, 7, 1, 0]   # T - 1 - j for j = 0, 3, 7, 12, 18, 19 (T = 20)
@@ -143,3 +143,44 @@ def test_each_rank_draws_its_own_noise(monkeypatch):
         seeds.append(rank_seed(0))
     draws = [torch.randn(4, generator=torch.Generator().manual_seed(s)) for s in seeds]
     assert seeds[0] != seeds[1] and not torch.allclose(*draws)
+
+
+def test_prepare_collects_when_due_and_the_state_round_trips():
+    """The trainer's interface: prepare fills the buffer every replay_ratio steps, micro_loss trains on it, and
+    state_dict / load_state_dict carry the buffer and the newest samples to a new method that then draws the same."""
+    sizes = dict(sample_steps=5, batch_size=8, rollout_batch=8, buffer_size=16, replay_ratio=2)
+    cfg, task, schedule, params, method = setup(**sizes)
+    perturb_adapter(params)
+    g = torch.Generator().manual_seed(0)
+    sizes_seen = []
+    for step in range(3):
+        method.prepare(step, g)
+        sizes_seen.append(method.buffer.size)
+    assert sizes_seen == [8, 8, 16]   # collected at steps 0 and 2 only
+    assert method.fresh["reward"].shape == (8,) and method.fresh["cond"].shape[0] == 8
+    state = method.state_dict()
+    assert set(state) == {"fresh", "buffer"} and set(state["fresh"]) == {"reward", "cond", "images"}
+    other = SQDF(task, schedule, cfg)
+    other.load_state_dict(state)
+    assert torch.equal(other.buffer.states, method.buffer.states) and other.buffer.next == method.buffer.next
+    assert all(torch.equal(other.fresh[k], method.fresh[k]) for k in state["fresh"])
+    losses = []
+    for m in (method, other):
+        loss, stats = m.micro_loss(0, torch.Generator().manual_seed(3))
+        assert set(stats) == {"reward_q", "kl_term"} and float(stats["kl_term"]) > 0
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+def test_without_a_buffer_each_step_trains_on_its_own_rollout():
+    cfg, task, schedule, params, method = setup(sample_steps=5, batch_size=8, grad_accum=2, buffer=False)
+    assert method.buffer is None
+    g = torch.Generator().manual_seed(0)
+    method.prepare(0, g)
+    assert method.state_dict()["buffer"] == {}
+    assert method.fresh["states"].shape[:2] == (8, 5)   # batch_size / steps_per_trajectory trajectories
+    for micro in range(2):   # micro-batch m trains on its own rows of them
+        x, j, cond, weight = method.draw(micro, g)
+        assert weight is None and x.shape[0] == 4
+        rows = torch.arange(4 * micro, 4 * micro + 4)
+        assert torch.equal(cond, method.fresh["cond"][rows]) and torch.equal(x, method.fresh["states"][rows, j])

@@ -30,10 +30,11 @@ def test_run_directory_contract(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]
     assert all(k in rows[1] for k in ("reward", "kl_term", "diversity", "nonfinite_steps"))
     assert [r["step"] for r in rows if "eval_fd" in r] == [0, 4]   # base and final evaluations
+    assert [r["step"] for r in rows if "eval_path_kl" in r] == [0, 4]
     for name in ("samples_base.png", "samples_final.png", "curves.png", "checkpoint/adapter.safetensors",
                  "checkpoint/state.pt"):
         assert (out / name).is_file(), name
-    assert summary["kl_final"] > 0   # the policy moved away from the base
+    assert summary["path_kl_final"] > 0   # the policy moved away from the base
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -52,7 +53,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     summary_a = json.loads((tmp_path / "a/run/summary.json").read_text())
     summary_b = json.loads((tmp_path / "b/run/summary.json").read_text())
-    for key in ("reward_final", "diversity_final", "fd_final", "kl_final"):
+    for key in ("reward_final", "diversity_final", "fd_final", "path_kl_final"):
         assert summary_a[key] == summary_b[key], key
     rows_a = [json.loads(l) for l in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(l) for l in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
