@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/soft_value_bias.py [--alpha 1] [--points 4096] [--nodes 16] [--json PATH]
 
 The KL-regularised optimum tilts each transition by the soft value V_t(x) = alpha log E[exp(r(x0) / alpha) | x_t = x]
-(docs/method.md §2); SQDF uses r(E[x0 | x_t = x]) instead, and on the gmm2d tasks E[x0 | x_t] is exact (the task's
+(docs/method.md §2.2); SQDF uses r(E[x0 | x_t = x]) instead, and on the gmm2d tasks E[x0 | x_t] is exact (the task's
 consistency model is the base's posterior mean), so the only gap is the log-E-exp -> r(E) swap. The policy's
 improvement step moves the transition's mean along the gradient of Q, so the ratio of gradient norms is the factor by
 which SQDF over- (> 1) or under-tilts (< 1) that transition.

@@ -4,7 +4,7 @@ The interface. A reward is a callable `reward(images, cond) -> (B,)` float32, di
 - `images`: (B, 3, H, W) floats in **[0, 1]** (what a VAE-decoding task returns after its one `x / 2 + 0.5`). The
   image rewards here do their own CLIP preprocessing (resize, crop, mean/std normalisation) exactly once, inside
   the reward, through `clip_preprocess`. The authors' code maps [0, 1] images through `x / 2 + 0.5` a second time,
-  so their rewards see washed-out images in [0.5, 1] (docs/method.md §11.1); that is not replicated. A task's own
+  so their rewards see washed-out images in [0.5, 1] (docs/method.md §9.1); that is not replicated. A task's own
   reward (e.g. digits, whose images are in [-1, 1]) takes images as that task's `decode` returns them.
 - `cond`: (B,) conditions as the task draws them; for text-conditioned tasks long indices into the task's
   `prompts` list.
@@ -255,7 +255,7 @@ def check_projection(projection_dim: int, in_features: int, folder: Path, path: 
 def check_weights(spec: str | None, weights: str | Path | None) -> None:
     """Everything about `reward_weights` that can fail, checked without loading a network: for config.validate."""
     if spec in NEEDS_WEIGHTS and weights is None:
-        raise ValueError(f"reward_weights=None: reward {spec!r} needs a weights folder (README, Rewards)")
+        raise ValueError(f"reward_weights=None: reward {spec!r} needs a weights folder (docs/rewards.md)")
     if weights is None:
         return
     weights = str(weights)
@@ -354,7 +354,7 @@ def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[
     from sqdf_fast.tasks import load_callable
     if spec is None or spec == "task":
         if task_reward is None:
-            raise ValueError("reward: the task has no reward of its own; name one (README, Rewards)")
+            raise ValueError("reward: the task has no reward of its own; name one (docs/rewards.md)")
         return task_reward
     if spec == "digits":
         return load_digits(weights)

@@ -280,8 +280,7 @@ def evaluate_base(run: Run) -> None:
 
 def print_start(run: Run, kernels: str) -> None:
     cfg, ctx, method = run.cfg, run.ctx, run.method
-    buffer = getattr(method, "buffer", None)
-    buffer_mb = buffer.nbytes / 2**20 if buffer is not None else 0.0
+    buffer_mb = method.buffer.nbytes / 2**20 if method.buffer is not None else 0.0
     ranks_note = f" | {ctx.world} processes ({dist.get_backend()})" if ctx.distributed else ""
     per_process = " per process" if ctx.distributed else ""
     print(f"task {run.task.name} | method {cfg.method} | q estimator {method.estimator_name} | device {ctx.device} | "

@@ -32,6 +32,7 @@ class Method:
     `micro_size` samples per micro-batch (batch_size / world / grad_accum), `rollout_size` trajectories per rollout
     and `buffer_capacity` (config.validate checks they divide)."""
     estimator_name = "none"   # the one-step x0 estimate the reward sees, for the start-up line
+    buffer = None             # the replay buffer of a method that keeps one
 
     def __init__(self, task: Task, schedule: DDIMSchedule, cfg, world: int = 1):
         self.task, self.schedule, self.cfg = task, schedule, cfg

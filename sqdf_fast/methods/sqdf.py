@@ -39,7 +39,6 @@ class SQDF(Method):
         self.estimator = self._consistency_x0 if use_consistency else self._tweedie_x0
         self.estimator_name = "consistency" if use_consistency else "tweedie"
         self.require_gaussian_policy()
-        self.buffer = None
         if cfg.buffer:
             device = schedule.timesteps.device
             cond_example = task.sample_conditions(1, torch.Generator(device).manual_seed(0))

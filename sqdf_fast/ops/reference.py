@@ -42,7 +42,7 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
 
     kl (B,) = mean over non-batch dims of (mu(eps) - mu(eps_ref))^2 / sigma^2. The true Gaussian KL between
     N(mu, sigma^2 I) and N(mu_ref, sigma^2 I) is sum_d (mu - mu_ref)^2 / (2 sigma^2), so kl = (2 / d) * KL_true
-    with d the number of non-batch elements (sqdf-method.md §3.5).
+    with d the number of non-batch elements (docs/method.md §4.2).
     """
     alpha_t = torch.as_tensor(alpha_t, dtype=x.dtype, device=x.device)
     alpha_prev = torch.as_tensor(alpha_prev, dtype=x.dtype, device=x.device)

@@ -5,7 +5,7 @@ Where things are: `pipeline` (folder checks, loading, SD-1.5 configs and random 
 the byte-level tokenizer, the PromptTable, the UNet's epsilon on its rows), `lcm` (LCM-LoRA loading and the
 consistency model), `task` (decoder, default rewards and features, plot, `build_task` and the factories).
 
-One UNet holds everything (docs/method.md §12): the policy is its trainable LoRA adapter "policy" (added by the
+One UNet holds everything (docs/method.md §9.4): the policy is its trainable LoRA adapter "policy" (added by the
 trainer, float32 master weights), the reference is the same UNet with every adapter off, and the consistency model
 is a second, frozen adapter "lcm" (an LCM-LoRA, `--consistency`) run alone on the conditional branch only. A full
 LCM UNet folder is accepted too, as a separate frozen UNet, since that is how such a model comes.
@@ -16,7 +16,7 @@ evaluation and the empty negative prompt, the last row) is encoded ONCE when the
 
 Images: `decode` returns (B, 3, H, W) in [0, 1] (VAE output x mapped once by x / 2 + 1/2, clamped as diffusers'
 image processor does). Every reward of this task sees images in [0, 1] and normalises them exactly once (the
-authors' double normalisation, docs/method.md §11.1, is not replicated); CLIP models go through
+authors' double normalisation, docs/method.md §9.1, is not replicated); CLIP models go through
 `sqdf_fast.rewards.clip_preprocess`.
 The VAE decoder and the reward are gradient-checkpointed when `checkpoint_decoder` / `checkpoint_reward` are on (the
 consistency model by the method's `checkpoint_estimator`).

@@ -90,7 +90,7 @@ class AdapterConsistency(nn.Module):
     with guidance folded in, so the authors' guidance-1 doubled batch was the conditional branch at twice the cost).
 
     t is t_{j+1}, the action's own timestep; the authors look up the nearest LCM timestep instead (2 steps off
-    everywhere, 18 at t = 1; docs/method.md §11.7), which we do not replicate.
+    everywhere, 18 at t = 1; docs/method.md §9.5), which we do not replicate.
     `eps(x, t, cond)` is the task's epsilon of `unet`. The UNet is held by reference, not registered as a submodule:
     the task's frozen modules hold no second copy of it, and freezing or moving this module never touches the
     policy."""

@@ -55,7 +55,7 @@ class Pipeline(NamedTuple):
 
 
 def weights_dtype(cfg) -> torch.dtype:
-    """cfg.weights_dtype; auto: bfloat16 on CUDA (docs/method.md §12), float32 on the CPU."""
+    """cfg.weights_dtype; auto: bfloat16 on CUDA (docs/method.md §10.3), float32 on the CPU."""
     if cfg.weights_dtype != "auto":
         return getattr(torch, cfg.weights_dtype)
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())

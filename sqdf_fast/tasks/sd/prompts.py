@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 # the paper's "simple animals" prompt set (DDPO's): bare animal names; this is our own list of 45, and the 6
-# held-out animals the authors evaluate on (docs/method.md §8-§9)
+# held-out animals the authors evaluate on (docs/method.md §10.3)
 SIMPLE_ANIMALS = (
     "cat", "dog", "horse", "cow", "pig", "sheep", "goat", "rabbit", "chicken", "duck", "goose", "donkey", "mouse",
     "hamster", "deer", "fox", "wolf", "bear", "lion", "tiger", "elephant", "giraffe", "zebra", "monkey", "gorilla",

@@ -40,7 +40,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]   # the authors' policy LoRA
 DECODE_CHUNK = 8            # images per VAE call when nothing needs gradients (evaluation, rollouts)
 POOLED_FEATURE_SIZE = 8     # features without a CLIP model: images average-pooled to 8x8
 
-# docs/method.md §10 (T2I aesthetic SQDF) on one GPU, small batches
+# docs/method.md §10.3 (T2I aesthetic SQDF) on one GPU, small batches
 CONFIG_DEFAULTS = {"sample_steps": 50, "guidance": 5.0, "eta": 1.0, "alpha": 2.0, "gamma": 0.9, "resolution": 512,
                    "lr": 1e-3, "weight_decay": 1e-4, "lora_rank": 4, "lora_alpha": 4.0, "batch_size": 4,
                    "rollout_batch": 4, "replay_ratio": 1, "buffer_size": 256, "buffer_dtype": "bfloat16",
