@@ -166,7 +166,7 @@ def test_draft_kl_reward_gradient_last_k_and_kl_gradient_everywhere(k):
         with_grad = [j for j, _, out in recorder.calls if out.requires_grad]
         without = [j for j, _, out in recorder.calls if not out.requires_grad]
         assert with_grad == list(range(T)) and without == list(range(T))   # one policy + one reference per step
-        assert kl_term.shape == (B,) and float(kl_term.mean()) > 0
+        assert kl_term.shape == (B,) and float(kl_term.detach().mean()) > 0
         torch.testing.assert_close(reward_q, reward)
         expected_loss = (-reward + alpha * kl_term).mean()
         torch.testing.assert_close(loss.detach(), expected_loss)
