@@ -36,6 +36,7 @@ from sqdf_fast import checkpoint, config, methods, ops, tasks
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
 from sqdf_fast.distributed import Context, launch, resolve_device, tensors_digest, to_device
 from sqdf_fast.export import save_diffusers_lora
+from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.methods import Method
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
@@ -109,12 +110,13 @@ class Guard:
 
 
 @torch.no_grad()
-def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, with_kl: bool,
+def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, base: bool = False,
              base_features: dict[int, Tensor] | None = None) -> tuple[dict, Tensor, dict[int, Tensor]]:
-    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples; the samples; their features by
-    condition. fd is against the task's real data, or, for a task without any (real_features None), against
-    `base_features`, the base model's own evaluation features (None: these samples' own, so the base's fd is 0):
-    then fd measures the drift from the base model.
+    """Reward, diversity, fd and path KL to the base (nats) of fixed-seed samples of the policy, or with `base` of
+    the base model itself (the reference: adapter off; path KL 0); the samples; their features by condition. fd is
+    against the task's real data, or, for a task without any (real_features None), against `base_features`, the
+    base model's own evaluation features (None: these samples' own, so the base's fd is 0): then fd measures the
+    drift from the base model.
 
     With several ranks each samples a contiguous shard of the evaluation conditions, drawing that shard's rows of
     the same x_T and per-step noise a single process draws for the whole batch (same seeds on every rank), so the
@@ -125,8 +127,9 @@ def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, with_kl: boo
     generator = torch.Generator(device).manual_seed(cfg.seed + EVAL_SEED_OFFSET)
     x_T = torch.randn((cond.shape[0], *task.sample_shape), generator=generator, device=device)
     rows = ctx.shard(cond.shape[0])
-    _, x0, path_kl = rollout(method.policy_eps, method.schedule, x_T[rows], cond[rows], cfg.eta, generator,
-                             method.reference_eps if with_kl else None, batch_rows=(rows, cond.shape[0]))
+    sampler, reference = (method.reference_eps, None) if base else (method.policy_eps, method.reference_eps)
+    _, x0, path_kl = rollout(sampler, method.schedule, x_T[rows], cond[rows], cfg.eta, generator, reference,
+                             batch_rows=(rows, cond.shape[0]))
     images = task.decode(x0)
     reward, features = task.reward(images, cond[rows]), task.features(images)
     images, reward, features = ctx.gather_rows(images), ctx.gather_rows(reward), ctx.gather_rows(features)
@@ -138,7 +141,7 @@ def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, with_kl: boo
     metrics = {"reward": float(reward.mean()),
                "diversity": per_class_diversity(features, cond),
                "fd": per_class_fd(features, cond, reference),
-               "path_kl": float(ctx.gather_rows(path_kl).mean()) if with_kl else 0.0}
+               "path_kl": 0.0 if base else float(ctx.gather_rows(path_kl).mean())}
     if task.target_metrics is not None:
         metrics.update(task.target_metrics(images, cond))
     return metrics, images, by_class
@@ -265,12 +268,12 @@ def restore(run: Run, saved: tuple | None) -> None:
 
 
 def evaluate_base(run: Run) -> None:
-    """A new run: config.json, and the base model (the adapter is still zero) evaluated and drawn."""
+    """A new run: config.json, and the base model evaluated and drawn."""
     cfg, task, main = run.cfg, run.task, run.ctx.is_main
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, with_kl=False)
+    run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, base=True)
     # fd is against real data where the task has it; only a task without it measures drift from the base
     run.base_features = None if task.real_features is not None else base_features
     if main:
@@ -363,7 +366,7 @@ def train_until(run: Run, last_step: int) -> None:
             row = log_step(run)
             bar.set_postfix(reward=fmt(row["reward"]), kl_term=fmt(row["kl_term"]))
         if cfg.eval_every and done % cfg.eval_every == 0 and done != last_step:
-            metrics, _, _ = evaluate(run.method, cfg, run.ctx, with_kl=True, base_features=run.base_features)
+            metrics, _, _ = evaluate(run.method, cfg, run.ctx, base_features=run.base_features)
             run.write_row(eval_row(done, metrics))
         if done % cfg.checkpoint_every == 0 or done == last_step:
             save_checkpoint(run)
@@ -374,7 +377,7 @@ def finish(run: Run) -> dict:
     """The final evaluation against the base, curves, samples, summary.json (and the diffusers LoRA file of an SD
     task); returns the summary."""
     cfg, base, main = run.cfg, run.base, run.ctx.is_main
-    final, final_images, _ = evaluate(run.method, cfg, run.ctx, with_kl=True, base_features=run.base_features)
+    final, final_images, _ = evaluate(run.method, cfg, run.ctx, base_features=run.base_features)
     run.write_row(eval_row(run.step, final))
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
                "diversity_base": base["diversity"], "diversity_final": final["diversity"],
@@ -411,6 +414,8 @@ def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | Non
 def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
     """Train in this process: alone, or as one rank of a torchrun / accelerate launch (WORLD_SIZE > 1)."""
     with launch(cfg.device) as ctx, ops.use_backend(cfg.kernels):
+        if ctx.device.type == "cpu":
+            keep_freed_cpu_memory()
         return train(cfg, resume, ctx)
 
 

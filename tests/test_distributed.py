@@ -171,7 +171,7 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
         # rank r's method: its share of the counts and its own buffer shard, on the one shared policy
         rank_methods = [methods.build(task, schedule, cfg, WORLD) for _ in range(WORLD)]
         optimizer = make_optimizer(params, cfg, ctx.device)
-        base, _, _ = evaluate(rank_methods[0], cfg, ctx, with_kl=False)
+        base, _, _ = evaluate(rank_methods[0], cfg, ctx, base=True)
         per_rank = []
         for rank, method in enumerate(rank_methods):
             assert method.buffer.capacity == cfg.buffer_size // WORLD
@@ -186,7 +186,7 @@ def reference_first_step(cfg: config.TrainConfig) -> tuple[dict, dict]:
                              **{k: float(v) for k, v in stats.items()}, "fresh": fresh})
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         optimizer.step()
-        final, _, _ = evaluate(rank_methods[0], cfg, ctx, with_kl=True)
+        final, _, _ = evaluate(rank_methods[0], cfg, ctx)
     row = {k: sum(r[k] for r in per_rank) / WORLD for k in ("loss", "reward", "reward_q", "kl_term")}
     features = task.features(torch.cat([r["fresh"]["images"] for r in per_rank]))
     row.update(grad_norm=grad_norm, diversity=per_class_diversity(features, torch.cat([r["fresh"]["cond"]
