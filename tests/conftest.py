@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
 BACKENDS = ("torch", "cpp", "triton")
 
 
+def pytest_configure(config):
+    """The whole suite runs with the CPU allocator setting the trainer uses (sqdf_fast.memory), so that every test's
+    training runs, in this one process, reuse freed blocks instead of page-faulting them in again."""
+    from sqdf_fast.memory import keep_freed_cpu_memory
+    keep_freed_cpu_memory()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Runs the test on each op backend (skipped where one cannot run here), on the tensors' CPU device."""
