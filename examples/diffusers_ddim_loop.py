@@ -178,9 +178,9 @@ def fine_tune(policy: UNet2DModel, reference: UNet2DModel, scheduler: DDIMSchedu
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        row = dict(step=step, loss=loss.item(), reward=reward.mean().item(), kl=kl_nats.mean().item())
+        row = dict(step=step, loss=loss.item(), reward=reward.mean().item(), step_kl_nats=kl_nats.mean().item())
         history.append(row)
-        log(f"step {step:3d}/{steps} | reward {row['reward']:+.4f} | step kl {row['kl']:.4f} nats | "
+        log(f"step {step:3d}/{steps} | reward {row['reward']:+.4f} | step KL {row['step_kl_nats']:.4f} nats | "
             f"loss {row['loss']:+.4f}")
     return history
 
@@ -243,11 +243,11 @@ def main(argv=None) -> dict:
                         alpha=args.alpha, gamma=args.gamma, lr=args.lr, seed=args.seed + 2)
 
     # 3. Same seeds as the base evaluation: the reward rises, and the path KL says how far the policy moved.
-    reward_final, kl_final = evaluate(policy, reference, scheduler, x_T, noises, args.eta)
+    reward_final, path_kl_final = evaluate(policy, reference, scheduler, x_T, noises, args.eta)
     wall = time.perf_counter() - start
-    print(f"fine-tuned: reward {reward_final:+.4f} | path KL {kl_final:.4f} nats | wall {wall:.1f} s")
+    print(f"fine-tuned: reward {reward_final:+.4f} | path KL {path_kl_final:.4f} nats | wall {wall:.1f} s")
     return dict(backend=backend, max_abs_diff=diff, reward_base=reward_base, reward_final=reward_final,
-                kl_final=kl_final, history=history, wall_s=wall, policy=policy, reference=reference)
+                path_kl_final=path_kl_final, history=history, wall_s=wall, policy=policy, reference=reference)
 
 
 if __name__ == "__main__":

@@ -117,10 +117,10 @@ def test_main_fine_tunes(ex, capsys):
     assert m["backend"] == ops.backend_for("cpu")[0] and f"backend on cpu: {m['backend']}" in out
     assert m["max_abs_diff"] < 1e-3
     assert len(m["history"]) == 6
-    values = [m["reward_base"], m["reward_final"], m["kl_final"]]
-    values += [row[key] for row in m["history"] for key in ("loss", "reward", "kl")]
+    values = [m["reward_base"], m["reward_final"], m["path_kl_final"]]
+    values += [row[key] for row in m["history"] for key in ("loss", "reward", "step_kl_nats")]
     assert all(math.isfinite(v) for v in values)
     # The policy moved away from the reference, toward a higher reward on the same evaluation seeds.
     changed = any(not torch.equal(p, q) for p, q in zip(m["policy"].parameters(), m["reference"].parameters()))
-    assert changed and m["kl_final"] > 0
+    assert changed and m["path_kl_final"] > 0
     assert m["reward_final"] > m["reward_base"] + 1.0
