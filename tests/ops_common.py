@@ -7,6 +7,9 @@ of a fraction of an ulp of the output dtype (the fused backends compute in fp32,
 """
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 F64 = torch.float64
@@ -39,3 +42,27 @@ def assert_precision(name: str, got: torch.Tensor, exact: torch.Tensor, plain: t
 
 def zeros(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(*shape, dtype=dtype)
+
+
+# csrc/sqdf_cpu.cpp's kParallelMin: the C++ kernels use torch's thread count on at least this many elements
+CPP_PARALLEL_MIN = 32768
+
+
+@pytest.fixture(autouse=True)
+def serial_torch_unless_cpp(request):
+    """Autouse in the op modules (they import it): one intra-op thread, except where a C++ kernel would go parallel
+    (the cpp backend on a shape of at least CPP_PARALLEL_MIN elements, or a test without a shape parameter), so the
+    op tests keep checking the C++ kernels' parallel path. Elsewhere no backend's path depends on the thread count,
+    and torch's own work (references, comparisons) is too small for a thread team, which only spins and stalls when
+    the cores are shared."""
+    params = getattr(request.node, "callspec", None)
+    params = params.params if params is not None else {}
+    if "cpp" in (params.get("backend"), params.get("name")):
+        shape = params.get("shape")
+        if shape is None or math.prod(shape) >= CPP_PARALLEL_MIN:
+            yield
+            return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
-from bench_scripts import ROOT, load_bench
+from bench_scripts import load_bench
 
 from sqdf_fast import ops
 
@@ -25,17 +23,20 @@ def test_bytes_moved_counts_each_tensor_once():
                        for m in ("forward", "backward"))
 
 
-def test_kernels_bench_rows_and_plot(tmp_path):
+def test_kernels_bench_rows_and_plot(tmp_path, capsys):
+    """bench/kernels.py's main (all its `__main__` block runs) in this process: a subprocess would spend most of
+    its time importing torch again."""
     out = tmp_path / "rows.json"
     results = tmp_path / "appended.jsonl"
-    command = [sys.executable, "bench/kernels.py", "--device", "cpu", "--batches", "1",
-               "--ops", "policy_step,tweedie_x0", "--modes", "forward,full", "--dtypes", "float32,bfloat16",
-               "--repeat", "2", "--warmup", "1", "--skip-compile", "--copy-mib", "8", "--no-append",
-               "--results", str(results), "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = ["--device", "cpu", "--batches", "1",
+            "--ops", "policy_step,tweedie_x0", "--modes", "forward,full", "--dtypes", "float32,bfloat16",
+            "--repeat", "2", "--warmup", "1", "--skip-compile", "--copy-mib", "8", "--no-append",
+            "--results", str(results), "--json", str(out)]
+    with torch.random.fork_rng():  # main seeds the global generator
+        returned = load_bench("kernels").main(argv)
+    stdout = capsys.readouterr().out
     rows = json.loads(out.read_text())
+    assert len(returned) == len(rows)  # the rows written are the rows returned
     assert not results.exists(), "--no-append must not write the results file"
     assert len(rows) == 2 * 2 * 2 * 2  # ops x modes x dtypes x impls
     backend = ops.backend_for("cpu")[0]
@@ -51,7 +52,7 @@ def test_kernels_bench_rows_and_plot(tmp_path):
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert len({r["run_id"] for r in rows}) == 1
     assert all(r["speedup_vs_eager"] > 0 for r in rows if r["impl"] == "fused")
-    assert "vs eager" in proc.stdout  # the printed table
+    assert "vs eager" in stdout  # the printed table
 
     png = load_bench("plot_kernels").main(["--results", str(out), "--out", str(tmp_path / "kernels.png")])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -238,6 +238,7 @@ def test_results_do_not_depend_on_the_thread_count(gen, two_threads, shape, dtyp
         results.append([*forward(inputs), *backward(inputs, grad_out, grad_kl), x0])
     for one, two in zip(*results):
         assert torch.equal(one, two)
+    torch.set_num_threads(1)  # the float64 reference is the same on any count; a 2-thread team stalls on shared cores
     exact_x_prev, exact_kl, _ = reference_step(inputs)
     assert_matches(results[0][0], exact_x_prev, "x_prev")
     assert_matches(results[0][1], exact_kl, "kl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_common import F64, zeros
+from ops_common import F64, serial_torch_unless_cpp, zeros  # noqa: F401 (serial_torch_unless_cpp: an autouse fixture)
 
 from sqdf_fast import ops
 from sqdf_fast.ops import reference

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_common import make, schedule_values
+from ops_common import (  # noqa: F401 (serial_torch_unless_cpp: an autouse fixture)
+    make,
+    schedule_values,
+    serial_torch_unless_cpp,
+)
 
 from sqdf_fast import ops
 from sqdf_fast.ops import dispatch

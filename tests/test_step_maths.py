@@ -17,6 +17,10 @@ from sqdf_fast.ops import reference
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks.digits import SCHEDULER_CONFIG as DIGITS_CONFIG
 
+# Every tensor here is far below the C++ kernels' parallel threshold (csrc/sqdf_cpu.cpp, kParallelMin), so the
+# thread count changes no backend's path; torch's intra-op threads would only spin on these small tensors.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 TIGHT = dict(rtol=1e-12, atol=1e-12)  # float64 rounding, a few operations deep
 
@@ -83,19 +87,25 @@ def test_schedule_tables_match_diffusers(config, num_steps):
 @pytest.mark.parametrize("num_steps", NUM_STEPS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_policy_step_matches_diffusers(gen, backend, config, num_steps, eta):
+    """Every transition of the chain at once: transition j's sample is rows 2j, 2j + 1 of one batch with per-sample
+    schedule values (one op call, one interpreted launch for triton), checked against diffusers' step at t_j. That
+    per-sample values equal scalar calls row by row is test_per_sample_schedule_values_equal_rowwise_scalar_calls."""
     schedule, scheduler = tables(config, num_steps)
     sigma = schedule.sigma(eta)
+    x, eps, noise, eps_ref = (randn(gen, (num_steps * 2, 3, 4, 4)) for _ in range(4))
+    rows = torch.arange(num_steps).repeat_interleave(2)  # the transition of each row
+    a, a_prev = schedule.alpha_t[rows], schedule.alpha_prev[rows]
+    x_prev, kl = ops.policy_step(x, eps, a, a_prev, eta, noise)
+    assert kl is None
+    x0 = ops.tweedie_x0(x, eps, a)
+    if eta > 0:  # asking for the KL must not change the step
+        assert torch.equal(ops.policy_step(x, eps, a, a_prev, eta, noise, eps_ref)[0], x_prev)
     for j, t in enumerate(schedule.timesteps.tolist()):
-        x, eps, noise, eps_ref = (randn(gen, (2, 3, 4, 4)) for _ in range(4))
-        out = scheduler.step(eps, t, x, eta=eta, variance_noise=noise)
-        x_prev, kl = ops.policy_step(x, eps, schedule.alpha_t[j], schedule.alpha_prev[j], eta, noise)
-        assert kl is None
-        assert_close(x_prev, out.prev_sample, **TIGHT)
-        assert_close(ops.tweedie_x0(x, eps, schedule.alpha_t[j]), out.pred_original_sample, **TIGHT)
+        sample = slice(2 * j, 2 * j + 2)
+        out = scheduler.step(eps[sample], t, x[sample], eta=eta, variance_noise=noise[sample])
+        assert_close(x_prev[sample], out.prev_sample, **TIGHT)
+        assert_close(x0[sample], out.pred_original_sample, **TIGHT)
         assert_close(sigma[j], eta * scheduler._get_variance(t, prev_timestep(scheduler, t)).sqrt(), **TIGHT)
-        if eta > 0:  # asking for the KL must not change the step
-            assert torch.equal(ops.policy_step(x, eps, schedule.alpha_t[j], schedule.alpha_prev[j], eta, noise,
-                                               eps_ref)[0], x_prev)
 
 
 def test_float32_scheduler_agrees_to_float32_rounding(gen):

@@ -17,6 +17,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The Triton kernels ignore torch's thread count; torch's own work here (the float64 references and the comparisons)
+# is too small for intra-op threads, which only spin and stall when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and triton not in interpreter mode", allow_module_level=True)
 
@@ -227,9 +230,11 @@ def test_sqdf_loss(dtype, batch, with_weight):
 
 
 # --- several tiles per sample, determinism ---------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(8, 4, 64, 64), (3, 5, 70, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (3, 5, 70, 70)], ids=str)
 def test_many_tiles_per_sample_and_determinism(shape):
-    """Several KL partial sums per sample (a ragged last tile in the second shape), bitwise equal across runs."""
+    """Several KL partial sums per sample (a ragged last tile in the second shape), bitwise equal across runs.
+    Several samples per shape, each of several tiles; the finalize kernel sums every sample's row in one program
+    for any batch up to FINALIZE_TILE / 2, so a larger batch would only add interpreted programs."""
     gen = torch.Generator().manual_seed(6)
     inp = step_inputs(gen, shape, torch.float32, guided=True, with_ref=True, with_noise=True)
     x_prev, kl = launch_forward(inp)
