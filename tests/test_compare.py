@@ -5,7 +5,7 @@ import pytest
 
 from sqdf_fast import compare, config
 
-TINY = ["--set", "steps=1", "--set", "batch_size=4", "--set", "eval_per_class=4", "--set", "sample_steps=4",
+TINY = ["--set", "steps=1", "--set", "batch_size=4", "--set", "eval_per_class=2", "--set", "sample_steps=4",
         "--set", "rollout_batch=4", "--set", "buffer_size=8", "--set", "log_every=1"]
 
 

@@ -1,10 +1,12 @@
 """Training with the fused ops converges like training with the torch reference (Liger-Kernel's convergence test).
 
-The digits default, shortened to 24 steps (the reward reaches its ceiling in about 15), runs once on the C++
-backend and once on the reference from the same seed. The two differ only by float32 rounding, which training then
-amplifies, so the final metrics must agree within tolerances far inside the spread between seeds. Measured on the
-2-core CI machine (seeds 0 and 1, C++ vs reference): final reward within 5e-6, diversity, fd and KL within 3e-5
-relative; between seeds 0, 1 and 2 the final reward spreads by 0.056, diversity by 7%, fd by 13%, KL by 38%.
+The digits default, shortened to 16 steps (the reward reaches its ceiling in about 15) and evaluated on 8 samples
+per class, runs once on the C++ backend and once on the reference from the same seed. The two differ only by float32
+rounding, which training then amplifies, so the final metrics must agree within tolerances far inside the spread
+between seeds. Measured on the 2-core CI machine with these settings (seeds 0 and 1, C++ vs reference): base reward
+within 1.2e-7, final reward within 1.3e-6, diversity within 1.0e-6, fd within 5.5e-6 and KL within 6.7e-6 relative;
+between seeds 0, 1 and 2 (reference) the final reward spreads by 0.072, diversity by 18%, fd by 42%, KL by 31% of
+their means, and the reward rises by 1.49 to 1.87 over the base.
 """
 import pytest
 import torch
@@ -16,8 +18,8 @@ from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import resolve
 from sqdf_fast.train import run
 
-# final-metric tolerances between the fused and the reference run (absolute for reward, relative otherwise): about
-# 100x or more the largest measured difference, and 40x or more inside the spread between seeds
+# final-metric tolerances between the fused and the reference run (absolute for reward, relative otherwise): 450x or
+# more the largest measured difference, and 70x or more inside the spread between seeds
 REWARD_ATOL, DIVERSITY_RTOL, FD_RTOL, KL_RTOL = 1e-3, 1e-3, 3e-3, 3e-3
 
 
@@ -61,7 +63,7 @@ def test_digits_training_converges_like_the_reference(tmp_path):
     fused = fused_backend_or_skip()
     summaries = {}
     for kernels in (fused, "torch"):
-        cfg = config.TrainConfig(out=str(tmp_path / kernels), steps=24, eval_per_class=16, checkpoint_every=24,
+        cfg = config.TrainConfig(out=str(tmp_path / kernels), steps=16, eval_per_class=8, checkpoint_every=16,
                                  progress=False, kernels=kernels)
         config.validate(cfg)
         summaries[kernels] = run(cfg)

@@ -1,14 +1,16 @@
 """Data-parallel training: two CPU processes (gloo) started by torchrun on the digits task with tiny settings.
 
-Three launches, shared by the tests through a module fixture (each costs ~10 s of start-up):
-  A  4 steps uninterrupted;
-  B  the same config stopped after 1 step, then
-  B' B resumed with 2 processes to step 4.
+Three runs in two launches, shared by the tests through a module fixture (each launch costs ~10 s of start-up):
+  B  stopped after 1 step, then A the same config for 4 steps uninterrupted, one after the other in ONE launch (a
+     driver script joins the process group once and calls `sqdf_fast.train.main` for each run directory in turn, as
+     an accelerate user would: the trainer uses the group it finds and leaves it alone);
+  B' B resumed with 2 processes to step 4: a real fresh launch of `-m sqdf_fast.train`, which owns its group.
 In every launch each rank other than 0 runs under an audit hook (a sitecustomize module on PYTHONPATH) that makes
 any file it opens for writing, creates, renames or removes inside the launch's working directory fail the run.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -79,6 +81,26 @@ def torchrun(work: Path, args: list[str], target: tuple[str, ...] = ("-m", "sqdf
     return result.stdout
 
 
+# one launch, several runs, then the collectives' checks (COLLECTIVES, below) in the same process group: rank 0 prints
+# a marker before each part so that the tests can split the output
+RUNS_DRIVER = textwrap.dedent('''
+    import os, sys
+    import torch.distributed as dist
+    from sqdf_fast.train import main
+
+    dist.init_process_group("gloo")
+    for run in sys.argv[1].split(","):
+        if os.environ["RANK"] == "0":
+            print(f"=== run {run} ===", flush=True)
+        main(["--out", f"{run}/run", *sys.argv[2:]] + (["--steps", "1"] if run == "b" else ["--steps", "4"]))
+    if os.environ["RANK"] == "0":
+        print("=== collectives ===", flush=True)
+    dist.barrier()
+    exec(open(os.environ["SQDF_TEST_COLLECTIVES"]).read())
+    dist.destroy_process_group()
+''')
+
+
 def read_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -115,23 +137,31 @@ COLLECTIVES = textwrap.dedent('''
 ''')
 
 
-def test_collectives_on_two_processes(tmp_path):
-    """The pieces the trainer's data parallelism rests on, on two real gloo processes started as torchrun does."""
-    script = tmp_path / "collectives.py"
-    script.write_text(COLLECTIVES)
-    stdout = torchrun(tmp_path / "work", [], target=(str(script),))
-    assert stdout.count("collectives ok") == 2
+def test_collectives_on_two_processes(runs):
+    """The pieces the trainer's data parallelism rests on, on two real gloo processes started as torchrun does (run
+    at the end of the fixture's first launch, in the group its driver joined; B' covers `launch` joining its own)."""
+    assert runs["stdout_collectives"].count("collectives ok") == 2
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
-    a, b = root / "a", root / "b"
-    stdout_a = torchrun(a, ["--out", "run", "--steps", "4", *TINY])
-    torchrun(b, ["--out", "run", "--steps", "1", *TINY])
+    work = root / "work"
+    a, b = work / "a", work / "b"
+    driver, collectives = root / "driver.py", root / "collectives.py"
+    driver.write_text(RUNS_DRIVER)
+    collectives.write_text(COLLECTIVES)
+    os.environ["SQDF_TEST_COLLECTIVES"] = str(collectives)
+    try:
+        stdout = torchrun(work, ["b,a", *TINY], target=(str(driver),))
+    finally:
+        del os.environ["SQDF_TEST_COLLECTIVES"]
+    before, stdout_b, stdout_a, stdout_collectives = re.split(r"=== (?:run \w|collectives) ===", stdout)
+    assert "=== run b ===" + stdout_b + "=== run a ===" + stdout_a + "=== collectives ===" in stdout
+    entries = sorted(p.name for p in work.iterdir())
     first_step = {"adapter": load_file(str(b / "run/checkpoint/adapter.safetensors")), "rows": read_rows(b / "run")}
     torchrun(b, ["--resume", "run", "--steps", "4"])
-    return {"a": a, "b": b, "stdout_a": stdout_a, "first_step": first_step}
+    return {"a": a, "b": b, "stdout_a": stdout_a, "stdout_collectives": stdout_collectives, "entries": entries, "first_step": first_step}
 
 
 def test_ranks_hold_identical_adapters(runs):
@@ -152,6 +182,7 @@ def test_only_rank_0_writes(runs):
     out = runs["a"] / "run"
     assert {str(p.relative_to(out)) for p in out.rglob("*")} == RUN_FILES
     assert [p.name for p in runs["a"].iterdir()] == ["run"]
+    assert runs["entries"] == ["a", "b"]   # nothing else in the launch's working directory
     assert runs["stdout_a"].count("base model:") == 1 and runs["stdout_a"].count("step    4/4") == 1
     assert "2 processes (gloo)" in runs["stdout_a"]
     rows = read_rows(out)

@@ -1,6 +1,8 @@
 """The trainer end to end on the digits task with tiny settings: outputs, learning, resume, guards, bad input."""
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +21,16 @@ def tiny(tmp_path, **overrides) -> config.TrainConfig:
     return cfg
 
 
-def test_run_directory_contract(tmp_path):
-    cfg = tiny(tmp_path)
-    summary = run(cfg)
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[config.TrainConfig, dict]:
+    """One tiny 4-step run, shared by the tests that only read it (or corrupt a copy of it)."""
+    cfg = tiny(tmp_path_factory.mktemp("finished"))
+    return cfg, run(cfg)
+
+
+def test_run_directory_contract(finished):
+    cfg, summary = finished
+    out = Path(cfg.out)
     assert tuple(json.loads((out / "summary.json").read_text())) == SUMMARY_KEYS
     assert summary["steps"] == 4
     assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
@@ -62,15 +70,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(rows_a) == [r for r in strip(rows_b) if not (r["step"] == 3 and "eval_reward" in r)]
 
 
-def test_resume_missing_or_corrupt_checkpoint(tmp_path, capsys):
-    cfg = tiny(tmp_path, steps=2)
-    run(cfg)
+def test_resume_missing_or_corrupt_checkpoint(tmp_path, capsys, finished):
     out = tmp_path / "run"
+    shutil.copytree(finished[0].out, out)   # a finished run with its checkpoint
     state = out / "checkpoint" / "state.pt"
     state.write_bytes(b"not a checkpoint")
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(SystemExit) as err:
-        main(["--resume", str(out), "--steps", "4"])
+        main(["--resume", str(out), "--steps", "6"])
     assert "checkpoint is unreadable" in str(err.value)
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before   # nothing overwritten
     with pytest.raises(SystemExit) as err:
