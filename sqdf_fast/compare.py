@@ -45,6 +45,7 @@ from sqdf_fast import config
 from sqdf_fast.distributed import resolve_device
 from sqdf_fast.info import device_name
 from sqdf_fast.methods import METHODS
+from sqdf_fast.train import EVAL_METRICS as METRICS
 from sqdf_fast.train import run
 
 # A label -> (method, option overrides). Plain method names need no entry.
@@ -55,7 +56,6 @@ VARIANTS = {
     "sqdf-no-buffer": ("sqdf", {"buffer": False}),
 }
 ABLATIONS = ("sqdf-no-discount", "sqdf-no-cm", "sqdf-no-buffer")
-METRICS = ("reward", "diversity", "fd", "path_kl")
 TARGET_METRICS = ("dist_to_target", "mode_weight_error", "mode_coverage")
 
 
