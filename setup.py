@@ -1,8 +1,9 @@
 """setuptools entry point; the metadata lives in pyproject.toml.
 
-Also builds the C++ CPU kernels csrc/sqdf_cpu.cpp into sqdf_fast/_sqdf_cpu*.so: a plain shared library (no torch
-headers, so pip's isolated build environment needs no torch) that sqdf_fast/ops/cpp.py loads with ctypes. A
-missing compiler or a failed build only warns, and the package runs on the torch reference.
+Also builds the C++ CPU kernels csrc/sqdf_cpu.cpp into sqdf_fast/_sqdf_cpu*.so: the CPython extension module
+sqdf_fast._sqdf_cpu (plain C++ and the Python C API, no torch headers, so pip's isolated build environment needs no
+torch) that sqdf_fast/ops/cpp.py imports. A missing compiler or a failed build only warns, and the package runs on
+the torch reference.
 """
 import sys
 import tempfile

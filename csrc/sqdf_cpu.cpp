@@ -1,19 +1,27 @@
-// Fused CPU kernels of the SQDF ops, called through ctypes from sqdf_fast/ops/cpp.py (which documents the maths).
+// Fused CPU kernels of the SQDF ops, and the CPython extension module sqdf_fast._sqdf_cpu that launches them
+// (sqdf_fast/ops/cpp.py wraps it and documents the maths).
 //
-// Plain C++17 without torch: every function takes raw pointers of contiguous tensors, the batch size B and the
-// number D of elements per sample. Element dtypes: float32, float64, float16, bfloat16; the arithmetic runs in
+// Plain C++17 without torch headers: every kernel takes raw pointers of contiguous tensors, the batch size B and
+// the number D of elements per sample. Element dtypes: float32, float64, float16, bfloat16; the arithmetic runs in
 // double for float64 and in float otherwise. Per-sample inputs (schedule values, k, reward, ...) and the KL/loss
 // outputs have the compute dtype ("ct": double for float64, float otherwise). Optional inputs and unwanted
-// outputs are null pointers. Exported functions return 0, or -1 for an unsupported dtype code.
+// outputs are null pointers. The module's launchers (at the end of this file) reach the tensors through torch's
+// Python API: they check them, allocate the outputs with torch.empty/empty_like and run the kernel without the GIL.
 //
 // Work is split into fixed chunks of one sample (never depending on the thread count), so every reduction sums
 // the same partial values in the same order whatever the number of threads: results are bitwise reproducible.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <exception>
+#include <new>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #ifndef SQDF_BUILD_FLAGS  // set by setup.py
 #define SQDF_BUILD_FLAGS "unknown"
@@ -348,94 +356,459 @@ void loss_backward(int64_t batch, const C* grad, const C* reward, const C* kl, c
   }
 }
 
-}  // namespace
+// --- the Python module -----------------------------------------------------------------------------------------
+// Six launchers over the kernels above, METH_FASTCALL functions taking the tensors themselves: each checks what
+// keeps the kernels in bounds (dtype, element count, contiguity, CPU), allocates its outputs with torch and runs the
+// kernel without the GIL. sqdf_fast/ops/cpp.py documents their contract.
 
-extern "C" {
+// Torch objects the launchers use, looked up once when the module is imported.
+struct Torch {
+  PyObject* dtypes[4];  // torch.float32, torch.float64, torch.float16, torch.bfloat16: indexed by DType
+  PyObject *empty, *empty_like, *get_num_threads;
+  PyObject *dtype_kwnames;  // ("dtype",), for torch.empty(size, dtype=...)
+  PyObject *s_dtype, *s_is_cpu, *s_numel, *s_is_contiguous, *s_data_ptr, *s_shape, *s_device;
+};
+Torch torch_;
 
-// Bumped whenever an exported signature changes; sqdf_fast/ops/cpp.py refuses a library built from other sources.
-int sqdf_abi_version() { return 1; }
+// An owned reference, released when it goes out of scope.
+class Ref {
+ public:
+  Ref() = default;
+  explicit Ref(PyObject* p) : p_(p) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p_); }
+  void reset(PyObject* p) { Py_XDECREF(p_); p_ = p; }
+  PyObject* get() const { return p_; }
+  PyObject* release() { PyObject* p = p_; p_ = nullptr; return p; }
+  explicit operator bool() const { return p_ != nullptr; }
+
+ private:
+  PyObject* p_ = nullptr;
+};
+
+PyObject* call_method(PyObject* self, PyObject* name) { return PyObject_VectorcallMethod(name, &self, 1, nullptr); }
+
+// 1 when t.name() (a method) or t.name (an attribute) is True, 0 when not, -1 with the error set.
+int method_is_true(PyObject* t, PyObject* name) {
+  Ref v(call_method(t, name));
+  return v ? v.get() == Py_True : -1;
+}
+int attr_is_true(PyObject* t, PyObject* name) {
+  Ref v(PyObject_GetAttr(t, name));
+  return v ? v.get() == Py_True : -1;
+}
+
+// t.dtype; a TypeError naming the argument when t is no tensor.
+PyObject* dtype_of(PyObject* t, const char* what) {
+  PyObject* dtype = PyObject_GetAttr(t, torch_.s_dtype);
+  if (dtype == nullptr && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError, "C++ launcher: %s must be a torch.Tensor, got %s", what, Py_TYPE(t)->tp_name);
+  }
+  return dtype;
+}
+
+bool data_ptr(PyObject* t, void** out) {
+  Ref v(call_method(t, torch_.s_data_ptr));
+  if (!v) return false;
+  *out = PyLong_AsVoidPtr(v.get());
+  return !PyErr_Occurred();
+}
+
+// Raises the ValueError for tensor argument t that failed input_ptr's checks (unless an error is already set).
+void bad_tensor(PyObject* t, const char* what, PyObject* dtype, int64_t numel) {
+  if (PyErr_Occurred()) return;
+  Ref size(PyObject_GetAttr(t, torch_.s_shape));
+  Ref shape(size ? PySequence_Tuple(size.get()) : nullptr);
+  Ref got(shape ? PyObject_GetAttr(t, torch_.s_dtype) : nullptr);
+  Ref device(got ? PyObject_GetAttr(t, torch_.s_device) : nullptr);
+  Ref contiguous(device ? call_method(t, torch_.s_is_contiguous) : nullptr);
+  if (!contiguous) return;
+  PyErr_Format(PyExc_ValueError,
+               "C++ launcher: %s must be a contiguous CPU tensor of %lld elements and dtype %S, got shape %R, "
+               "dtype %S, device %S, contiguous=%R", what, static_cast<long long>(numel), dtype, shape.get(),
+               got.get(), device.get(), contiguous.get());
+}
+
+// The data of tensor argument t (`what` in errors) after the checks that keep the kernels in bounds: `numel`
+// contiguous elements of `dtype` on the CPU. None gives nullptr where `optional`, else raises.
+bool input_ptr(PyObject* t, const char* what, PyObject* dtype, int64_t numel, bool optional, const void** out) {
+  *out = nullptr;
+  if (t == Py_None) {
+    if (optional) return true;
+    PyErr_Format(PyExc_ValueError, "C++ launcher: %s must be a tensor, got None", what);
+    return false;
+  }
+  Ref got(dtype_of(t, what));
+  if (!got) return false;
+  bool ok = got.get() == dtype && attr_is_true(t, torch_.s_is_cpu) == 1;
+  if (ok) {
+    Ref count(call_method(t, torch_.s_numel));
+    ok = count && PyLong_AsLongLong(count.get()) == numel && method_is_true(t, torch_.s_is_contiguous) == 1;
+  }
+  void* ptr = nullptr;
+  if (!ok || !data_ptr(t, &ptr)) {
+    bad_tensor(t, what, dtype, numel);
+    return false;
+  }
+  *out = ptr;
+  return true;
+}
+
+// x's dtype code, batch size B and elements per sample D: x must be float32/float64/float16/bfloat16 with a
+// non-empty batch dimension (`loss`: float32/float64 of shape (B,)).
+bool sizes(PyObject* x, const char* what, bool loss, int* code, int64_t* batch, int64_t* d) {
+  Ref dtype(dtype_of(x, what));
+  Ref size(dtype ? PyObject_GetAttr(x, torch_.s_shape) : nullptr);
+  Ref shape(size ? PySequence_Tuple(size.get()) : nullptr);
+  if (!shape) return false;
+  *code = -1;
+  for (int c = 0; c < (loss ? 2 : 4); ++c)
+    if (dtype.get() == torch_.dtypes[c]) *code = c;
+  const Py_ssize_t dim = PyTuple_GET_SIZE(shape.get());
+  int64_t numel = 1;
+  for (Py_ssize_t i = 0; i < dim; ++i) numel *= PyLong_AsLongLong(PyTuple_GET_ITEM(shape.get(), i));
+  if (PyErr_Occurred()) return false;
+  *batch = dim > 0 ? PyLong_AsLongLong(PyTuple_GET_ITEM(shape.get(), 0)) : 0;
+  if (*code < 0 || *batch <= 0 || (loss && dim != 1)) {
+    PyErr_Format(PyExc_ValueError, loss ? "C++ launcher: %s must be a non-empty float32/float64 (B,) tensor, got %S "
+                                          "of shape %R"
+                                        : "C++ launcher: %s must be float32/float64/float16/bfloat16 with a "
+                                          "non-empty batch dimension, got %S of shape %R",
+                 what, dtype.get(), shape.get());
+    return false;
+  }
+  *d = numel / *batch;
+  return true;
+}
+
+// A new uninitialised output tensor; out receives its data.
+PyObject* new_like(PyObject* like, void** out) {
+  Ref t(PyObject_CallOneArg(torch_.empty_like, like));
+  return t && data_ptr(t.get(), out) ? t.release() : nullptr;
+}
+PyObject* new_tensor(PyObject* size, PyObject* dtype, void** out) {
+  PyObject* args[] = {size, dtype};
+  Ref t(PyObject_Vectorcall(torch_.empty, args, 1, torch_.dtype_kwnames));
+  return t && data_ptr(t.get(), out) ? t.release() : nullptr;
+}
+// new_like(like) when wanted, else None and a null pointer.
+PyObject* new_like_if(bool wanted, PyObject* like, void** out) {
+  *out = nullptr;
+  return wanted ? new_like(like, out) : Py_NewRef(Py_None);
+}
+
+bool as_double(PyObject* o, double* out) {
+  *out = PyFloat_AsDouble(o);
+  return !(*out == -1.0 && PyErr_Occurred());
+}
+bool as_bool(PyObject* o, bool* out) {
+  const int v = PyObject_IsTrue(o);
+  *out = v == 1;
+  return v >= 0;
+}
+bool num_threads(int* out) {
+  Ref v(PyObject_CallNoArgs(torch_.get_num_threads));
+  *out = v ? int(PyLong_AsLong(v.get())) : 1;
+  return v && !PyErr_Occurred();
+}
+bool nargs_is(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
+  if (nargs == expected) return true;
+  PyErr_Format(PyExc_TypeError, "%s() takes %zd positional arguments (%zd given)", name, expected, nargs);
+  return false;
+}
+
+// Runs a kernel without the GIL; false with a Python error when it threw (out of memory) or rejected the dtype.
+template <typename F>
+bool run_kernel(F&& kernel) {
+  bool ok = false, no_memory = false;
+  std::string error;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    ok = kernel();
+  } catch (const std::bad_alloc&) {
+    no_memory = true;
+  } catch (const std::exception& err) {
+    error = err.what();
+  }
+  Py_END_ALLOW_THREADS
+  if (ok) return true;
+  if (no_memory)
+    PyErr_NoMemory();
+  else
+    PyErr_SetString(PyExc_RuntimeError, error.empty() ? "C++ launcher: unsupported dtype" : error.c_str());
+  return false;
+}
+
+// One guidance flag serves policy and reference: a reference must be guided exactly when the policy is.
+bool check_guidance(PyObject* eps_uncond, PyObject* eps_ref_cond, PyObject* eps_ref_uncond) {
+  if ((eps_ref_cond == Py_None && eps_ref_uncond != Py_None) ||
+      (eps_ref_cond != Py_None && (eps_uncond == Py_None) != (eps_ref_uncond == Py_None))) {
+    PyErr_SetString(PyExc_ValueError,
+                    "C++ launcher: eps_ref_uncond must be given exactly when eps_uncond and eps_ref_cond are");
+    return false;
+  }
+  return true;
+}
+
+PyObject* compute_dtype(int code) { return torch_.dtypes[code == kFloat64 ? kFloat64 : kFloat32]; }
+
+// guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w)
+//   -> (x_prev, kl)
+PyObject* py_guided_step_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("guided_step_forward", nargs, 10)) return nullptr;
+  PyObject* x = args[0];
+  int code, threads;
+  int64_t batch, d;
+  double eta, w;
+  if (!sizes(x, "x", false, &code, &batch, &d) || !check_guidance(args[2], args[3], args[4])) return nullptr;
+  PyObject *dtype = torch_.dtypes[code], *ct = compute_dtype(code);
+  const int64_t n = batch * d;
+  const void* in[8];
+  static const char* const names[] = {"x", "eps_cond", "eps_uncond", "eps_ref_cond", "eps_ref_uncond", "noise"};
+  for (int i = 0; i < 6; ++i)
+    if (!input_ptr(args[i], names[i], dtype, n, i >= 2, &in[i])) return nullptr;
+  if (!input_ptr(args[6], "alpha_t", ct, batch, false, &in[6]) ||
+      !input_ptr(args[7], "alpha_prev", ct, batch, false, &in[7]) || !as_double(args[8], &eta) ||
+      !as_double(args[9], &w) || !num_threads(&threads))
+    return nullptr;
+  const bool ref = args[3] != Py_None;
+  void *x_prev_ptr, *kl_ptr;
+  Ref x_prev(new_like(x, &x_prev_ptr));
+  Ref kl_len(x_prev ? PyLong_FromLongLong(ref ? batch : 0) : nullptr);
+  Ref kl(kl_len ? new_tensor(kl_len.get(), ct, &kl_ptr) : nullptr);
+  if (!kl) return nullptr;
+  if (!ref) kl_ptr = nullptr;
+  const bool ok = run_kernel([&] {
+    return with_dtype(code, [&](auto tag) {
+      guided_step_forward<decltype(tag)>(batch, d, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], eta, w,
+                                         x_prev_ptr, kl_ptr, threads);
+    });
+  });
+  return ok ? PyTuple_Pack(2, x_prev.get(), kl.get()) : nullptr;
+}
+
+// guided_step_backward(grad_x_prev, grad_kl, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, alpha_t,
+//   alpha_prev, eta, w, need_x, need_eps, need_ref, need_noise)
+//   -> (grad_x, grad_eps_cond, grad_eps_uncond, grad_eps_ref_cond, grad_eps_ref_uncond, grad_noise)
+PyObject* py_guided_step_backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("guided_step_backward", nargs, 14)) return nullptr;
+  PyObject* eps_cond = args[2];
+  int code, threads;
+  int64_t batch, d;
+  double eta, w;
+  bool need[4];
+  if (!sizes(eps_cond, "eps_cond", false, &code, &batch, &d) || !check_guidance(args[3], args[4], args[5]))
+    return nullptr;
+  PyObject *dtype = torch_.dtypes[code], *ct = compute_dtype(code);
+  const int64_t n = batch * d;
+  const void* in[8];
+  static const char* const names[] = {"grad_x_prev", "grad_kl", "eps_cond", "eps_uncond", "eps_ref_cond",
+                                      "eps_ref_uncond", "alpha_t", "alpha_prev"};
+  for (int i = 0; i < 8; ++i) {
+    const bool per_sample = i == 1 || i >= 6, optional = i < 2 || (i >= 3 && i <= 5);
+    if (!input_ptr(args[i], names[i], per_sample ? ct : dtype, per_sample ? batch : n, optional, &in[i]))
+      return nullptr;
+  }
+  if (!as_double(args[8], &eta) || !as_double(args[9], &w) || !num_threads(&threads)) return nullptr;
+  for (int i = 0; i < 4; ++i)
+    if (!as_bool(args[10 + i], &need[i])) return nullptr;
+  const bool wanted[6] = {need[0], need[1], need[1] && args[3] != Py_None, need[2] && args[4] != Py_None,
+                          need[2] && args[5] != Py_None, need[3]};
+  Ref grads[6];
+  void* out[6];
+  for (int i = 0; i < 6; ++i) {
+    grads[i].reset(new_like_if(wanted[i], eps_cond, &out[i]));
+    if (!grads[i]) return nullptr;
+  }
+  const bool ok = run_kernel([&] {
+    return with_dtype(code, [&](auto tag) {
+      guided_step_backward<decltype(tag)>(batch, d, in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], eta, w,
+                                          out[0], out[1], out[2], out[3], out[4], out[5], threads);
+    });
+  });
+  return ok ? PyTuple_Pack(6, grads[0].get(), grads[1].get(), grads[2].get(), grads[3].get(), grads[4].get(),
+                           grads[5].get())
+            : nullptr;
+}
+
+// x0_estimate_forward(x, eps, alpha_t, c_skip, c_out) -> x0
+PyObject* py_x0_estimate_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("x0_estimate_forward", nargs, 5)) return nullptr;
+  PyObject* x = args[0];
+  int code, threads;
+  int64_t batch, d;
+  if (!sizes(x, "x", false, &code, &batch, &d)) return nullptr;
+  PyObject *dtype = torch_.dtypes[code], *ct = compute_dtype(code);
+  const void *px, *peps, *alpha_t, *c_skip, *c_out;
+  if (!input_ptr(x, "x", dtype, batch * d, false, &px) || !input_ptr(args[1], "eps", dtype, batch * d, false, &peps) ||
+      !input_ptr(args[2], "alpha_t", ct, batch, false, &alpha_t) ||
+      !input_ptr(args[3], "c_skip", ct, batch, true, &c_skip) ||
+      !input_ptr(args[4], "c_out", ct, batch, true, &c_out) || !num_threads(&threads))
+    return nullptr;
+  void* out;
+  Ref x0(new_like(x, &out));
+  if (!x0) return nullptr;
+  const bool ok = run_kernel([&] {
+    return with_dtype(code, [&](auto tag) {
+      x0_estimate_forward<decltype(tag)>(batch, d, px, peps, alpha_t, c_skip, c_out, out, threads);
+    });
+  });
+  return ok ? x0.release() : nullptr;
+}
+
+// x0_estimate_backward(grad, alpha_t, c_skip, c_out, need_x, need_eps) -> (grad_x, grad_eps)
+PyObject* py_x0_estimate_backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("x0_estimate_backward", nargs, 6)) return nullptr;
+  PyObject* grad = args[0];
+  int code, threads;
+  int64_t batch, d;
+  bool need_x, need_eps;
+  if (!sizes(grad, "grad", false, &code, &batch, &d)) return nullptr;
+  PyObject* ct = compute_dtype(code);
+  const void *g, *alpha_t, *c_skip, *c_out;
+  if (!input_ptr(grad, "grad", torch_.dtypes[code], batch * d, false, &g) ||
+      !input_ptr(args[1], "alpha_t", ct, batch, false, &alpha_t) ||
+      !input_ptr(args[2], "c_skip", ct, batch, true, &c_skip) ||
+      !input_ptr(args[3], "c_out", ct, batch, true, &c_out) || !as_bool(args[4], &need_x) ||
+      !as_bool(args[5], &need_eps) || !num_threads(&threads))
+    return nullptr;
+  void *out_x, *out_eps;
+  Ref grad_x(new_like_if(need_x, grad, &out_x));
+  Ref grad_eps(grad_x ? new_like_if(need_eps, grad, &out_eps) : nullptr);
+  if (!grad_eps) return nullptr;
+  const bool ok = run_kernel([&] {
+    return with_dtype(code, [&](auto tag) {
+      x0_estimate_backward<decltype(tag)>(batch, d, g, alpha_t, c_skip, c_out, out_x, out_eps, threads);
+    });
+  });
+  return ok ? PyTuple_Pack(2, grad_x.get(), grad_eps.get()) : nullptr;
+}
+
+// The loss's (B,) inputs reward, kl, k, then weight (optional), all of reward's dtype.
+bool loss_inputs(PyObject* const* args, PyObject* dtype, int64_t batch, const void* in[4]) {
+  return input_ptr(args[0], "reward", dtype, batch, false, &in[0]) &&
+         input_ptr(args[1], "kl", dtype, batch, false, &in[1]) &&
+         input_ptr(args[2], "k", dtype, batch, false, &in[2]) &&
+         input_ptr(args[5], "weight", dtype, batch, true, &in[3]);
+}
+
+// The loss kernels for the compute dtype `code` (float32 or float64 only).
+template <typename F>
+bool with_loss_dtype(int code, F&& f) {
+  if (code == kFloat64) f(double{});
+  else if (code == kFloat32) f(float{});
+  return code == kFloat64 || code == kFloat32;
+}
+
+// sqdf_loss_forward(reward, kl, k, gamma, alpha, weight) -> 0-dim loss
+PyObject* py_sqdf_loss_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("sqdf_loss_forward", nargs, 6)) return nullptr;
+  int code;
+  int64_t batch, d;
+  double gamma, alpha;
+  const void* in[4];
+  if (!sizes(args[0], "reward", true, &code, &batch, &d)) return nullptr;
+  PyObject* dtype = torch_.dtypes[code];
+  if (!loss_inputs(args, dtype, batch, in) || !as_double(args[3], &gamma) || !as_double(args[4], &alpha))
+    return nullptr;
+  void* out;
+  Ref size(PyTuple_New(0));
+  Ref loss(size ? new_tensor(size.get(), dtype, &out) : nullptr);
+  if (!loss) return nullptr;
+  const bool ok = run_kernel([&] {
+    return with_loss_dtype(code, [&](auto tag) {
+      using C = decltype(tag);
+      loss_forward(batch, static_cast<const C*>(in[0]), static_cast<const C*>(in[1]), static_cast<const C*>(in[2]),
+                   gamma, alpha, static_cast<const C*>(in[3]), static_cast<C*>(out));
+    });
+  });
+  return ok ? loss.release() : nullptr;
+}
+
+// sqdf_loss_backward(grad, reward, kl, k, gamma, alpha, weight, need_reward, need_kl, need_weight)
+//   -> (grad_reward, grad_kl, grad_weight)
+PyObject* py_sqdf_loss_backward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!nargs_is("sqdf_loss_backward", nargs, 10)) return nullptr;
+  int code;
+  int64_t batch, d;
+  double gamma, alpha;
+  bool need[3];
+  const void *g, *in[4];
+  if (!sizes(args[1], "reward", true, &code, &batch, &d)) return nullptr;
+  PyObject* dtype = torch_.dtypes[code];
+  if (!input_ptr(args[0], "grad", dtype, 1, false, &g) || !loss_inputs(args + 1, dtype, batch, in) ||
+      !as_double(args[4], &gamma) || !as_double(args[5], &alpha))
+    return nullptr;
+  for (int i = 0; i < 3; ++i)
+    if (!as_bool(args[7 + i], &need[i])) return nullptr;
+  need[2] = need[2] && args[6] != Py_None;
+  Ref grads[3];
+  void* out[3];
+  for (int i = 0; i < 3; ++i) {
+    grads[i].reset(new_like_if(need[i], args[1], &out[i]));
+    if (!grads[i]) return nullptr;
+  }
+  const bool ok = run_kernel([&] {
+    return with_loss_dtype(code, [&](auto tag) {
+      using C = decltype(tag);
+      loss_backward(batch, static_cast<const C*>(g), static_cast<const C*>(in[0]), static_cast<const C*>(in[1]),
+                    static_cast<const C*>(in[2]), gamma, alpha, static_cast<const C*>(in[3]),
+                    static_cast<C*>(out[0]), static_cast<C*>(out[1]), static_cast<C*>(out[2]));
+    });
+  });
+  return ok ? PyTuple_Pack(3, grads[0].get(), grads[1].get(), grads[2].get()) : nullptr;
+}
+
+// Bumped whenever a launcher's signature changes; sqdf_fast/ops/cpp.py refuses a module built from other sources.
+constexpr long kAbiVersion = 2;
+
+PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 
 // "key=value" lines: compiler, flags, openmp (the supported OpenMP version date, or "no").
-const char* sqdf_build_info() {
-  return "compiler=" SQDF_COMPILER "\nflags=" SQDF_BUILD_FLAGS "\nopenmp=" SQDF_OPENMP;
+PyObject* py_build_info(PyObject*, PyObject*) {
+  return PyUnicode_FromString("compiler=" SQDF_COMPILER "\nflags=" SQDF_BUILD_FLAGS "\nopenmp=" SQDF_OPENMP);
 }
 
-int sqdf_guided_step_forward(int dtype, int64_t batch, int64_t d, const void* x, const void* eps_cond,
-                             const void* eps_uncond, const void* eps_ref_cond, const void* eps_ref_uncond,
-                             const void* noise, const void* alpha_t, const void* alpha_prev, double eta, double w,
-                             void* x_prev, void* kl, int num_threads) {
-  const bool ok = with_dtype(dtype, [&](auto tag) {
-    guided_step_forward<decltype(tag)>(batch, d, x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise,
-                                       alpha_t, alpha_prev, eta, w, x_prev, kl, num_threads);
-  });
-  return ok ? 0 : -1;
+#define SQDF_FASTCALL(name) {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), \
+                              METH_FASTCALL, nullptr}
+PyMethodDef methods[] = {
+    SQDF_FASTCALL(guided_step_forward),
+    SQDF_FASTCALL(guided_step_backward),
+    SQDF_FASTCALL(x0_estimate_forward),
+    SQDF_FASTCALL(x0_estimate_backward),
+    SQDF_FASTCALL(sqdf_loss_forward),
+    SQDF_FASTCALL(sqdf_loss_backward),
+    {"abi_version", py_abi_version, METH_NOARGS, nullptr},
+    {"build_info", py_build_info, METH_NOARGS, nullptr},
+    {nullptr, nullptr, 0, nullptr},
+};
+#undef SQDF_FASTCALL
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_sqdf_cpu", "Fused CPU kernels of the SQDF ops.", -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
+
+// Fills torch_ from the torch module (new references, kept for the life of the process).
+bool bind_torch() {
+  Ref torch(PyImport_ImportModule("torch"));
+  if (!torch) return false;
+  static const char* const dtype_names[] = {"float32", "float64", "float16", "bfloat16"};
+  for (int c = 0; c < 4; ++c)
+    if (!(torch_.dtypes[c] = PyObject_GetAttrString(torch.get(), dtype_names[c]))) return false;
+  struct { PyObject** slot; const char* name; } attrs[] = {
+      {&torch_.empty, "empty"}, {&torch_.empty_like, "empty_like"}, {&torch_.get_num_threads, "get_num_threads"}};
+  for (auto& a : attrs)
+    if (!(*a.slot = PyObject_GetAttrString(torch.get(), a.name))) return false;
+  struct { PyObject** slot; const char* name; } names[] = {
+      {&torch_.s_dtype, "dtype"}, {&torch_.s_is_cpu, "is_cpu"}, {&torch_.s_numel, "numel"},
+      {&torch_.s_is_contiguous, "is_contiguous"}, {&torch_.s_data_ptr, "data_ptr"}, {&torch_.s_shape, "shape"},
+      {&torch_.s_device, "device"}};
+  for (auto& s : names)
+    if (!(*s.slot = PyUnicode_InternFromString(s.name))) return false;
+  return (torch_.dtype_kwnames = Py_BuildValue("(s)", "dtype")) != nullptr;
 }
 
-int sqdf_guided_step_backward(int dtype, int64_t batch, int64_t d, const void* grad_x_prev, const void* grad_kl,
-                              const void* eps_cond, const void* eps_uncond, const void* eps_ref_cond,
-                              const void* eps_ref_uncond, const void* alpha_t, const void* alpha_prev, double eta,
-                              double w, void* grad_x, void* grad_eps_cond, void* grad_eps_uncond,
-                              void* grad_eps_ref_cond, void* grad_eps_ref_uncond, void* grad_noise,
-                              int num_threads) {
-  const bool ok = with_dtype(dtype, [&](auto tag) {
-    guided_step_backward<decltype(tag)>(batch, d, grad_x_prev, grad_kl, eps_cond, eps_uncond, eps_ref_cond,
-                                        eps_ref_uncond, alpha_t, alpha_prev, eta, w, grad_x, grad_eps_cond,
-                                        grad_eps_uncond, grad_eps_ref_cond, grad_eps_ref_uncond, grad_noise,
-                                        num_threads);
-  });
-  return ok ? 0 : -1;
-}
+}  // namespace
 
-int sqdf_x0_estimate_forward(int dtype, int64_t batch, int64_t d, const void* x, const void* eps,
-                             const void* alpha_t, const void* c_skip, const void* c_out, void* x0,
-                             int num_threads) {
-  const bool ok = with_dtype(dtype, [&](auto tag) {
-    x0_estimate_forward<decltype(tag)>(batch, d, x, eps, alpha_t, c_skip, c_out, x0, num_threads);
-  });
-  return ok ? 0 : -1;
-}
-
-int sqdf_x0_estimate_backward(int dtype, int64_t batch, int64_t d, const void* grad, const void* alpha_t,
-                              const void* c_skip, const void* c_out, void* grad_x, void* grad_eps,
-                              int num_threads) {
-  const bool ok = with_dtype(dtype, [&](auto tag) {
-    x0_estimate_backward<decltype(tag)>(batch, d, grad, alpha_t, c_skip, c_out, grad_x, grad_eps, num_threads);
-  });
-  return ok ? 0 : -1;
-}
-
-// dtype: the compute dtype of the (B,) vectors, kFloat32 or kFloat64.
-int sqdf_loss_forward(int dtype, int64_t batch, const void* reward, const void* kl, const void* k, double gamma,
-                      double alpha, const void* weight, void* loss) {
-  if (dtype == kFloat64)
-    loss_forward(batch, static_cast<const double*>(reward), static_cast<const double*>(kl),
-                 static_cast<const double*>(k), gamma, alpha, static_cast<const double*>(weight),
-                 static_cast<double*>(loss));
-  else if (dtype == kFloat32)
-    loss_forward(batch, static_cast<const float*>(reward), static_cast<const float*>(kl),
-                 static_cast<const float*>(k), gamma, alpha, static_cast<const float*>(weight),
-                 static_cast<float*>(loss));
-  else
-    return -1;
-  return 0;
-}
-
-int sqdf_loss_backward(int dtype, int64_t batch, const void* grad, const void* reward, const void* kl,
-                       const void* k, double gamma, double alpha, const void* weight, void* grad_reward,
-                       void* grad_kl, void* grad_weight) {
-  if (dtype == kFloat64)
-    loss_backward(batch, static_cast<const double*>(grad), static_cast<const double*>(reward),
-                  static_cast<const double*>(kl), static_cast<const double*>(k), gamma, alpha,
-                  static_cast<const double*>(weight), static_cast<double*>(grad_reward),
-                  static_cast<double*>(grad_kl), static_cast<double*>(grad_weight));
-  else if (dtype == kFloat32)
-    loss_backward(batch, static_cast<const float*>(grad), static_cast<const float*>(reward),
-                  static_cast<const float*>(kl), static_cast<const float*>(k), gamma, alpha,
-                  static_cast<const float*>(weight), static_cast<float*>(grad_reward),
-                  static_cast<float*>(grad_kl), static_cast<float*>(grad_weight));
-  else
-    return -1;
-  return 0;
-}
-
-}  // extern "C"
+PyMODINIT_FUNC PyInit__sqdf_cpu() { return bind_torch() ? PyModule_Create(&module_def) : nullptr; }
