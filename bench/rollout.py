@@ -1,7 +1,8 @@
 """Guided DDIM rollout throughput: our sampler against the loop a diffusers user writes, and its torch.compile.
 
     python bench/rollout.py [--tiny] [--device auto|cpu|cuda] [--batch-sizes 1,8,32] [--steps 50] [--guidance 7.5]
-                            [--eta 1.0] [--repeat 3] [--warmup 1] [--no-compile] [--results] [--json PATH]
+                            [--eta 1.0] [--repeat 3] [--warmup 1] [--no-compile] [--attention sdpa|xformers]
+                            [--results] [--json PATH]
 
 Task: `sd-random` (SD-1.5 UNet, random weights, 512 px = 64x64 latents, bfloat16 weights on CUDA) by default;
 `--tiny`: the tests' tiny SD pipeline (sqdf_fast.tasks.sd_tiny, 8x8 latents), which runs end to end on a CPU.
@@ -21,6 +22,9 @@ does), to show the captured graphs / compiled code stay valid without re-capture
 matching eager). Timing: median and min of --repeat calls after --warmup calls (CUDA synchronised around each);
 `first_call_s` is the first call (capture or compilation included). `max_abs_diff` is the final latent's largest
 difference from eager's (the noise streams are identical: both draw one randn per step from the same generator).
+
+`--attention xformers` runs every implementation's UNet with xformers' memory-efficient attention instead of torch's
+SDPA (optional, CUDA only: a clear error without it; `attention` in the rows).
 
 Prints a table; rows (device name, versions, timestamp, run_id) are appended to bench/results/rollout.jsonl only with
 --results, and written as a JSON list to --json PATH when given.
@@ -55,6 +59,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rollout.jsonl"
 IMPLS = ("ours", "eager", "compile")
 
 
+def set_attention(unets: list[torch.nn.Module], backend: str, device: torch.device) -> None:
+    """sdpa: torch's scaled_dot_product_attention (diffusers' default); xformers: its memory-efficient attention,
+    optional and CUDA-only (bench/sqdf_step.py takes the same option)."""
+    if backend == "sdpa":
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f"--attention xformers: xformers is not importable ({err}); install it or use sdpa")
+    if device.type != "cuda":
+        raise SystemExit(f"--attention xformers: xformers' attention runs on CUDA only, the device is {device}")
+    for unet in unets:
+        unet.enable_xformers_memory_efficient_attention()
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="the tiny SD pipeline instead of sd-random")
@@ -67,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (slow to compile on CPU)")
     p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
+                   help="attention of the UNet: torch SDPA, or xformers' memory-efficient attention (CUDA only)")
     p.add_argument("--results", action="store_true", help=f"append the rows to {RESULTS.relative_to(ROOT)}")
     p.add_argument("--json", default=None, help="also write the rows as a JSON list here")
     return p.parse_args(argv)
@@ -172,11 +193,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           else ("cpu" if args.device == "auto" else args.device))
     impls = [i for i in args.impls.split(",") if i and not (i == "compile" and args.no_compile)]
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    if args.attention == "xformers":
+        set_attention([], "xformers", device)   # the clear error before anything is built
     method = build(args.tiny, device, args.steps, args.guidance, args.eta)
+    set_attention([method.task.unet], args.attention, device)
     task_name = "sd-tiny" if args.tiny else "sd-random"
     backend, _ = ops.backend_for(device)
     run_id, stamp = uuid.uuid4().hex[:12], time.strftime("%Y-%m-%dT%H:%M:%S%z")
     common = dict(bench="rollout", task=task_name, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                  attention=args.attention,
                   latent_shape=list(method.task.sample_shape), weights_dtype=str(method.cfg.weights_dtype),
                   device=device.type, device_name=device_name(device), op_backend=backend, **versions(),
                   timestamp=stamp, run_id=run_id, command="python bench/rollout.py " + shlex.join(sys.argv[1:]))
