@@ -42,6 +42,35 @@ def add_policy_lora(model: nn.Module, targets: list[str], rank: int, alpha: floa
     return params
 
 
+def add_frozen_copy(model: nn.Module, name: str) -> None:
+    """A second adapter `name` shaped like the policy's (same targets, rank and scale), frozen and inactive; its
+    weights follow the policy's whenever `copy_policy_into(model, name)` runs (e.g. the previous round's model as
+    the KL reference of the black-box loop)."""
+    policy_layer = next(layer for layer in tuner_layers(model) if POLICY in layer.r)
+    targets = [module_name for module_name, m in model.named_modules()   # exactly the policy's layers
+               if isinstance(m, BaseTunerLayer) and POLICY in m.r]
+    config = LoraConfig(r=policy_layer.r[POLICY], lora_alpha=policy_layer.lora_alpha[POLICY],
+                        target_modules=targets, init_lora_weights=True)
+    layers = tuner_layers(model)
+    with _requires_grad_kept(layers), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, model, adapter_name=name)
+    activate_adapters(tuner_layers(model), [POLICY])
+    for param_name, p in model.named_parameters():
+        if f".{name}." in param_name:
+            p.data = p.data.float()
+            p.requires_grad_(False)
+    copy_policy_into(model, name)
+
+
+def copy_policy_into(model: nn.Module, name: str) -> None:
+    """Copy the policy adapter's weights into adapter `name` (in place)."""
+    result = set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=POLICY), adapter_name=name)
+    if getattr(result, "unexpected_keys", []):
+        raise ValueError(f"adapter {name!r} is not shaped like the policy: unexpected keys "
+                         f"{result.unexpected_keys[:3]}")
+
+
 def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
     """Every peft adapter layer of `model` (the layers whose active adapters `activate_adapters` sets)."""
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

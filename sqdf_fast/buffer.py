@@ -40,6 +40,10 @@ class ReplayBuffer:
         self.next = (self.next + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
+    def clear(self) -> None:
+        """Forget every stored trajectory (the memory stays allocated)."""
+        self.size = self.next = 0
+
     def sample(self, n: int, sampler: str, generator: torch.Generator, gamma: float = 1.0,
                importance_weights: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(slots (n,), steps (n,) or None, weights (n,) or None).

@@ -200,18 +200,23 @@ def from_dict(values: dict, source: str) -> TrainConfig:
     return TrainConfig(**{**config_defaults(task, method), **values})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m sqdf_fast.train",
-        description="Fine-tune a diffusion model toward a reward with SQDF. With no arguments: the built-in "
-                    "digits task on the CPU in about three minutes.",
-        argument_default=argparse.SUPPRESS)
+def build_parser(prog: str = "python -m sqdf_fast.train",
+                 description: str = "Fine-tune a diffusion model toward a reward with SQDF. With no arguments: the "
+                                    "built-in digits task on the CPU in about a minute.") -> argparse.ArgumentParser:
+    """Every TrainConfig field as an option, plus --config and --resume; absent options stay absent (SUPPRESS)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of config fields (a run's config.json works); "
                                          "command-line options override it")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint; "
                                                         "options given here override its config.json")
+    add_options(parser, FIELDS)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser, fields: dict[str, dataclasses.Field]) -> None:
+    """One --flag per dataclass field made by `option`, in argument groups by the field's group."""
     groups = {}
-    for name, f in FIELDS.items():
+    for name, f in fields.items():
         group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -220,7 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
-    return parser
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:

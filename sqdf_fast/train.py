@@ -187,6 +187,8 @@ class Run:
     rows: list[dict] = field(default_factory=list)      # metrics.jsonl
     window: list[dict] = field(default_factory=list)    # per-step device metrics not yet logged
     metrics_file: IO | None = None                # rank 0's open metrics.jsonl
+    extra: dict = field(default_factory=dict)     # a driving loop's own state (the black-box loop's round), saved
+                                                  # in the checkpoint with the rest
 
     @property
     def wall_s(self) -> float:
@@ -261,7 +263,7 @@ def restore(run: Run, saved: tuple | None) -> None:
     run.method.load_state_dict(own["method"])
     run.guard.load_state_dict(state["guard"])
     run.step, run.base, run.wall_before = state["step"], state["base_metrics"], state["wall_s"]
-    run.base_features = state["base_features"]
+    run.base_features, run.extra = state["base_features"], state.get("extra", {})
     run.window, run.rows = own["window"], rows
     if main:
         print(f"resumed {run.out} at step {run.step}")
@@ -349,15 +351,16 @@ def save_checkpoint(run: Run) -> None:
     if ctx.is_main:
         state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "base_metrics": run.base,
                  "guard": run.guard.state_dict(), "base_features": run.base_features, "wall_s": run.wall_s,
-                 "world_size": ctx.world, "ranks": ranks}
+                 "world_size": ctx.world, "ranks": ranks, "extra": run.extra}
         checkpoint.save(run.out, adapter, state)
 
 
-def train_until(run: Run, last_step: int) -> None:
-    """Optimizer steps up to `last_step`, with a log row every log_every steps, an evaluation every eval_every and
-    a checkpoint every checkpoint_every (and at the last step)."""
+def train_until(run: Run, last_step: int, save: bool = True, desc: str = "sqdf") -> None:
+    """Optimizer steps up to `last_step`, with a log row every log_every steps, an evaluation every eval_every and,
+    with `save`, a checkpoint every checkpoint_every (and at the last step). A loop that saves at points of its own
+    (the black-box loop, at round ends) passes save=False; `desc` labels the progress bar."""
     cfg = run.cfg
-    bar = tqdm(range(run.step, last_step), initial=run.step, total=last_step, dynamic_ncols=True, desc="sqdf",
+    bar = tqdm(range(run.step, last_step), initial=run.step, total=last_step, dynamic_ncols=True, desc=desc,
                disable=not (cfg.progress and run.ctx.is_main))
     for _ in bar:
         train_step(run)
@@ -368,7 +371,7 @@ def train_until(run: Run, last_step: int) -> None:
         if cfg.eval_every and done % cfg.eval_every == 0 and done != last_step:
             metrics, _, _ = evaluate(run.method, cfg, run.ctx, base_features=run.base_features)
             run.write_row(eval_row(done, metrics))
-        if done % cfg.checkpoint_every == 0 or done == last_step:
+        if save and (done % cfg.checkpoint_every == 0 or done == last_step):
             save_checkpoint(run)
     bar.close()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sqdf_fast.adapters import adapters_disabled
+from sqdf_fast.adapters import adapters_disabled, only_adapter
 from sqdf_fast.rollout import GuidedEps, guided_eps
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import Task
@@ -33,6 +33,9 @@ class Method:
     and `buffer_capacity` (config.validate checks they divide)."""
     estimator_name = "none"   # the one-step x0 estimate the reward sees, for the start-up line
     buffer = None             # the replay buffer of a method that keeps one
+    # None: the reference is the base model (adapters off); an adapter's name: the base with that frozen adapter
+    # alone (the black-box loop's KL to the previous round's model, sqdf_fast.bbo)
+    reference_adapter: str | None = None
 
     def __init__(self, task: Task, schedule: DDIMSchedule, cfg, world: int = 1):
         self.task, self.schedule, self.cfg = task, schedule, cfg
@@ -48,7 +51,8 @@ class Method:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"fresh": {k: self.fresh[k] for k in FRESH_KEYS}}
+        # None before the first step (a checkpoint of step 0: the black-box loop's, after measuring the base)
+        return {"fresh": None if self.fresh is None else {k: self.fresh[k] for k in FRESH_KEYS}}
 
     def load_state_dict(self, state: dict) -> None:
         self.fresh = state["fresh"]
@@ -65,8 +69,10 @@ class Method:
         return guided_eps(self.task.eps, x, t, cond, self.task.null_condition(cond), w)
 
     def reference_eps(self, x: Tensor, t: Tensor, cond: Tensor, guidance: float | None = None) -> GuidedEps:
-        """The base model: the policy's own weights with the adapter off (differentiable in x when grad is on)."""
-        with adapters_disabled(self.task.unet):
+        """The base model: the policy's own weights with the adapter off (or `reference_adapter` alone);
+        differentiable in x when grad is on."""
+        unet = self.task.unet
+        with adapters_disabled(unet) if self.reference_adapter is None else only_adapter(unet, self.reference_adapter):
             return self.policy_eps(x, t, cond, guidance)
 
     def new_chain_start(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

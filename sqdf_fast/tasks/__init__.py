@@ -45,6 +45,9 @@ class Task:
     plot_samples: Callable[[Tensor, Tensor, int, Path], None] | None = None
     frozen: list[nn.Module] = field(default_factory=list)   # every frozen network, for .to(device)
     prompts: list[str] | None = None      # prompt strings indexed by cond, for text-conditioned tasks
+    # the embedding of decoded images a learned proxy reward reads in black-box optimisation (sqdf_fast.bbo),
+    # differentiable; None: `features`
+    proxy_features: Callable[[Tensor], Tensor] | None = None
 
     def to(self, device: torch.device) -> "Task":
         for module in [self.unet, *self.frozen]:

@@ -148,6 +148,13 @@ class BoldnessReward(nn.Module):
         return F.logsigmoid(self.classifier(images))
 
 
+def proxy_features(images: Tensor) -> Tensor:
+    """What a black-box proxy reads of a digit (sqdf_fast.bbo): the image at the data's native 8x8 resolution
+    (2x2 average pooling), 64 values, differentiable. Pixels are clamped to the data's range [-1, 1] first, so that
+    fine-tuning cannot raise a proxy by pushing pixels where no query ever was (the gradient stops there)."""
+    return F.avg_pool2d(images.clamp(-1, 1), 2).flatten(1)
+
+
 def make_task(cfg) -> Task:
     weights = check_weights_dir(cfg.model or WEIGHTS_DIR)
     unet = load_weights(build_unet(), weights / "base_unet.safetensors")
@@ -174,5 +181,5 @@ def make_task(cfg) -> Task:
         reward=BoldnessReward(classifier), decode=lambda x0: x0, lora_targets=LORA_TARGETS,
         consistency=consistency, features=evaluator.features, real_features=real_features,
         eval_conditions=lambda per_class: torch.arange(NUM_CLASSES).repeat_interleave(per_class),
-        frozen=[consistency, classifier, evaluator],
+        frozen=[consistency, classifier, evaluator], proxy_features=proxy_features,
     )

@@ -1,0 +1,3 @@
+from sqdf_fast.bbo.loop import main
+
+main()
