@@ -2,7 +2,8 @@
 
 `logged` scores gmm2d points with the task's quadratic reward and appends a digest of every batch it answered to
 the file named by SQDF_TEST_ORACLE_LOG; with SQDF_TEST_KILL_AT=n it kills its own process with SIGKILL when called
-the n-th time (counted in that file), before answering: a run killed inside a round, mid-query.
+the n-th time (counted in that file), before answering: a run killed inside a round, mid-query; with
+SQDF_TEST_RAISE_AT=n it raises there instead (an instrument that fails mid-run).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def logged(points: torch.Tensor, cond: torch.Tensor) -> list[float]:
     calls = len(log.read_text().splitlines()) if log.exists() else 0
     if calls + 1 == int(os.environ.get("SQDF_TEST_KILL_AT", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    if calls + 1 == int(os.environ.get("SQDF_TEST_RAISE_AT", "0")):
+        raise TimeoutError("the instrument did not answer")
     digest = hashlib.sha256(points.double().numpy().tobytes()).hexdigest()[:16]
     with open(log, "a") as handle:
         handle.write(digest + "\n")

@@ -221,7 +221,7 @@ def test_gmm2d_run_raises_the_oracle_reward_and_resumes_after_a_kill_without_que
     # 224 training queries in batches of 32, and 4 evaluations of 128 samples: 7 + 16 calls
     assert len(full_calls) == 23 and summary["eval_queries"] == 512
 
-    # killed by SIGKILL inside round 2, at its second query batch (call 1 + 4 + 1 + 4 + 2 = 12)
+    # killed by SIGKILL inside round 2, at its third query batch (call 4 + 1 + 4 + 3 = 12)
     killed = tmp_path / "killed"
     log = tmp_path / "killed.log"
     env = {**os.environ, "SQDF_TEST_ORACLE_LOG": str(log), "SQDF_TEST_KILL_AT": "12", "OMP_NUM_THREADS": "1",
@@ -242,3 +242,27 @@ def test_gmm2d_run_raises_the_oracle_reward_and_resumes_after_a_kill_without_que
     for key in ("oracle_reward_final", "oracle_reward_max_final", "queries", "eval_queries", "diversity_final",
                 "fd_final", "kl_final", "proxy_val_error_final"):
         assert resumed[key] == summary[key], key
+
+
+@pytest.mark.usefixtures("tests_on_path")
+def test_an_oracle_failing_mid_run_stops_it_with_every_label_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("SQDF_TEST_ORACLE_LOG", str(tmp_path / "log"))
+    # calls: round 0's evaluation (4 batches of 32), round 1's query batch and evaluation (1 + 4), round 2's first
+    # query batch; the 11th is round 2's second
+    monkeypatch.setenv("SQDF_TEST_RAISE_AT", "11")
+    train, cfg, _ = loop.parse(GMM_OPTIONS + ["--oracle", "bbo_oracles:logged", "--out", str(tmp_path / "run")])
+    with pytest.raises(oracles.OracleError, match=r"oracle 'bbo_oracles:logged', batch of rows 32\.\.63 raised "
+                                                  "TimeoutError: the instrument did not answer"):
+        loop.optimise(train, cfg)
+    saved = loop.QuerySet(tmp_path / "run" / loop.QUERIES)
+    saved.load(last_round=2)
+    assert saved.count == 32 + 32 and saved.round.tolist() == [1] * 32 + [2] * 32
+
+
+@pytest.mark.usefixtures("tests_on_path")
+def test_kl_to_the_previous_round_with_a_kept_relabelled_buffer_and_bootstrap(tmp_path):
+    train, cfg, _ = loop.parse(GMM_OPTIONS + ["--kl-to", "previous", "--keep-buffer", "--buffer-sampler",
+                                              "reward-gamma", "--bonus", "bootstrap", "--out", str(tmp_path / "run")])
+    summary = loop.optimise(train, cfg)
+    assert summary["oracle_reward_final"] > summary["oracle_reward_base"] + 0.1
+    assert summary["kl_final"] > 0   # the path KL reported is to the base model, whatever the training's reference

@@ -58,7 +58,7 @@ from sqdf_fast.config import TrainConfig, option
 from sqdf_fast.distributed import launch
 from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.rollout import rollout
-from sqdf_fast.train import Run, build_run, evaluate, save_checkpoint, save_samples, train_until
+from sqdf_fast.train import EVAL_METRICS, Run, build_run, evaluate, save_checkpoint, save_samples, train_until
 
 PREVIOUS = "previous"   # the frozen adapter holding the previous round's policy (--kl-to previous)
 QUERIES = "queries.safetensors"
@@ -79,7 +79,7 @@ class BBOConfig:
                           "each round) or a comma list, one per round")
     non_adaptive: bool = option(False, "black-box", "the whole query budget in round 1 (the non-adaptive baseline)")
     steps_per_round: int = option(20, "black-box", "optimizer steps of fine-tuning per round")
-    bonus: str = option("ucb", "black-box", "optimism: greedy (none), ucb, bootstrap", BONUSES)
+    bonus: str = option("greedy", "black-box", "optimism: greedy (none), ucb, bootstrap", BONUSES)
     bonus_scale: float = option(1.0, "black-box", "c: the UCB bonus's scale, or bootstrap mean-std's weight of the "
                                 "std (in label standard deviations)")
     ucb_ridge: float = option(1e-3, "black-box", "lambda of the UCB bonus's Phi^T Phi / n + lambda I")
@@ -104,7 +104,7 @@ TASK_DEFAULTS = {
     "gmm2d": {"queries": "64", "steps_per_round": 60, "oracle_batch": 64},
     "gmm2d-ring": {"queries": "64", "steps_per_round": 60, "oracle_batch": 64},
     "sd": {"queries": "1024", "steps_per_round": 100, "oracle_batch": 16},
-    "sd-random": {"queries": "8", "steps_per_round": 2, "oracle_batch": 4},
+    "sd-random": {"queries": "8", "steps_per_round": 2, "oracle_batch": 4, "proxy_holdout": 0.25},
 }
 
 
@@ -183,6 +183,7 @@ def configs_from(values: dict, source: str) -> tuple[TrainConfig, BBOConfig]:
         raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
     bbo = BBOConfig(**{**TASK_DEFAULTS.get(values.get("task", "digits"), {}),
                        **{k: v for k, v in values.items() if k in BBO_FIELDS}})
+    bbo.queries = str(bbo.queries)   # a single number given as a JSON number
     train_values = {k: v for k, v in values.items() if k in config.FIELDS}
     train_values["steps"] = bbo.rounds * bbo.steps_per_round
     return config.from_dict(train_values, source), bbo
@@ -300,6 +301,7 @@ class BlackBox:
         self.rows: list[dict] = []
         self.done = -1                 # rounds completed (0: the base model measured)
         self.eval_queries = 0
+        self.target_metrics: list[str] = []   # the task's own metrics against a known target (gmm2d)
         if cfg.kl_to == "previous":
             add_frozen_copy(self.task.unet, PREVIOUS)
             self.method.reference_adapter = PREVIOUS
@@ -440,6 +442,7 @@ class BlackBox:
         metrics, images, _ = evaluate(self.method, run.cfg, run.ctx, base=round_ == 0,
                                       base_features=run.base_features)
         self.method.reference_adapter = reference
+        self.target_metrics = [k for k in metrics if k not in EVAL_METRICS]
         cond = self.task.eval_conditions(run.cfg.eval_per_class).to(images.device)
         oracle = self.oracle(images, cond)
         self.eval_queries += oracle.shape[0]
@@ -453,7 +456,7 @@ class BlackBox:
                "proxy_val_error": None if fit_result is None else fit_result.val_rmse,
                "proxy_epochs": None if fit_result is None else fit_result.epochs,
                "diversity": metrics["diversity"], "fd": metrics["fd"], "kl": metrics["path_kl"],
-               **{k: v for k, v in metrics.items() if k not in ("reward", "diversity", "fd", "path_kl")},
+               **{k: metrics[k] for k in self.target_metrics},
                "steps": run.step, **{f"time_{k}_s": round(v, 3) for k, v in times.items()},
                "wall_s": round(run.wall_s, 2)}
         self.rows.append(row)
@@ -475,6 +478,7 @@ class BlackBox:
                    "proxy_val_error_final": last["proxy_val_error"], "rounds": self.done, "steps": self.run.step,
                    **{f"time_{k}_s": round(sum(r[f"time_{k}_s"] for r in self.rows), 2) for k in TIME_KEYS},
                    "wall_s": round(self.run.wall_s, 1)}
+        summary.update({f"{k}_final": last[k] for k in self.target_metrics})   # where the task knows p*
         if self.run.ctx.is_main:
             self.run.metrics_file.close()
             write_text_atomic(self.run.out / "summary.json", json.dumps(summary, indent=1))
