@@ -33,11 +33,12 @@ compare the loss and the policy adapter's gradient on tiny networks (float32; to
 Networks (`--arch`, set by the preset), all random weights (nothing downloaded):
     sd15    `sd-random`'s: SD-1.5's UNet, VAE and CLIP ViT-L/14 text tower, a rank-64 LCM-LoRA on LCM-LoRA's modules,
             the aesthetic reward's CLIP ViT-L/14 image tower and LAION head
-    small   the same layouts narrower (UNet 64-128-256-256 channels, VAE 32-64-128-128, CLIP towers 256 wide with 2
-            text / 4 image layers at 224 px, LCM-LoRA rank 16): SD-1.5's structure at a size two CPU cores time in
-            minutes. SD-1.5's own networks at 64 px take a minute per micro-step at micro-batch 8 on such a machine
-            (the 224 px ViT-L reward alone 8 s forward) and the reference's three float32 UNets plus ours need
-            17 GB.
+    small   the same layouts narrower (UNet 64-128-256-256 channels; VAE 32-64-128-128 with one resnet per level;
+            CLIP text tower 256 wide, 2 layers; CLIP image tower 128 wide, 4 layers, at 224 px; LCM-LoRA rank 16),
+            with FLOPs in about SD-1.5's proportions at 512 px (VAE decode 3.8x and the reward 0.3x one UNet
+            forward; SD-1.5: 3.1x and 0.2x), at a size two CPU cores time in minutes. SD-1.5's own networks at 64
+            px take about a minute per micro-step at micro-batch 8 on such a machine (the 224 px ViT-L reward alone
+            8 s forward), and the reference's three float32 UNets plus ours need 17 GB.
     tiny    the tests' tiny pipeline (sqdf_fast.tasks.sd_tiny) with a 1-layer 32-px CLIP reward
 Presets: `cpu-small` (small, 128 px, 10 steps, float32, CPU), `sd15` (sd15, 512 px, 50 steps, bfloat16 frozen
 weights, CUDA), `tiny` (the smoke test's). Both implementations take the sd task's defaults (guidance 5, alpha 2,
@@ -158,11 +159,13 @@ PRESETS = {
 
 # ---- networks ------------------------------------------------------------------------------------------------------
 SMALL_UNET_CONFIG = dict(SD15_UNET_CONFIG, block_out_channels=(64, 128, 256, 256), cross_attention_dim=256)
-SMALL_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(32, 64, 128, 128))
+# narrower and (VAE) shallower so that the FLOPs keep SD-1.5's proportions at 512 px: VAE decode about 3x, CLIP
+# image tower about 0.2x one UNet forward (SD-1.5: 2515, 803 and 162 GFLOP per image)
+SMALL_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(32, 64, 128, 128), layers_per_block=1)
 SMALL_TEXT_CONFIG = dict(CLIP_L14_TEXT_CONFIG, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                          num_attention_heads=4, projection_dim=256)
-SMALL_VISION_CONFIG = dict(CLIP_L14_VISION_CONFIG, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                           num_attention_heads=4, projection_dim=256)
+SMALL_VISION_CONFIG = dict(CLIP_L14_VISION_CONFIG, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=4, projection_dim=128)
 TINY_VISION_CONFIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
                           patch_size=8, image_size=32, projection_dim=32, hidden_act="quick_gelu")
 TINY_LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
@@ -228,7 +231,7 @@ class StageClock:
     def __init__(self, device: torch.device, enabled: bool = True):
         self.cuda, self.enabled = device.type == "cuda", enabled
         self.prefix, self.current, self.marks, self.depth = "", None, [], 0
-        self.counter = None   # an OpCounter attributing its ops to the current stage
+        self.op_stage = None   # the stage an OpCounter attributes ops to (the parameter hooks leave it)
 
     def _stamp(self):
         if self.cuda:
@@ -244,11 +247,14 @@ class StageClock:
     def start(self, stage: str) -> None:
         if self.enabled:
             self.marks, self.current = [(self._stamp(), None)], stage
+            self.op_stage = stage
 
     def switch(self, stage: str, ended: str | None = None) -> None:
         if self.running:
             self.marks.append((self._stamp(), self.prefix + (ended or self.current)))
             self.current = stage
+            if ended is None:
+                self.op_stage = stage
 
     def finish(self) -> dict[str, float]:
         """{stage: seconds, "total": seconds} of the step that `start` began."""
@@ -261,7 +267,7 @@ class StageClock:
         for (begin, _), (end, stage) in zip(self.marks, self.marks[1:]):
             totals[stage] += begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
         totals["total"] = sum(totals.values())
-        self.current, self.marks = None, []
+        self.current, self.op_stage, self.marks = None, None, []
         return dict(totals)
 
     @contextlib.contextmanager
@@ -336,10 +342,10 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = self.formulas.get(func._overloadpacket)
-        if formula is not None and self.clock.current is not None:
+        if formula is not None and self.clock.op_stage is not None:
             flops = float(formula(*args, **kwargs, out_val=out))
             nbytes = float(sum(t.nbytes for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, Tensor)))
-            entry = self.stages[self.clock.prefix + self.clock.current]
+            entry = self.stages[self.clock.prefix + self.clock.op_stage]
             entry[0] += flops
             entry[1] += nbytes
             entry[2] += max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
@@ -709,6 +715,89 @@ class Reference:
         shutil.rmtree(self.buffer_dir, ignore_errors=True)
 
 
+# ---- the FLOP model: every pass of every network, counted on the meta device ---------------------------------------
+def pass_flops(arch: str, resolution: int, lora_rank: int = 4) -> dict[str, float]:
+    """FLOPs of one row (image, prompt) through each network of `arch` at `resolution`, forward (`*_fwd`) and
+    backward to its input with its weights frozen (`*_bwd`), counted by torch's FlopCounterMode on the meta device
+    (no memory, no time): the base UNet, with the policy LoRA, with the LCM-LoRA; VAE decode; reward image tower;
+    text encoder."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPVisionModelWithProjection
+
+    from sqdf_fast.tasks.sd_tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+    unet_config, vae_config, text_config = {"sd15": (SD15_UNET_CONFIG, SD_VAE_CONFIG, CLIP_L14_TEXT_CONFIG),
+                                            "small": (SMALL_UNET_CONFIG, SMALL_VAE_CONFIG, SMALL_TEXT_CONFIG),
+                                            "tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG)}[arch]
+    vision, lcm_targets, lcm_rank, _ = ARCHS[arch]
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as mode:
+            fn()
+        return float(mode.get_total_flops())
+
+    def forward_backward(module: nn.Module, run, x: Tensor, prefix: str, out: dict) -> None:
+        module.requires_grad_(False)
+        out[prefix + "_fwd"] = count(lambda: run(x))
+        y = run(x)
+        out[prefix + "_bwd"] = count(lambda: y.sum().backward())
+
+    out: dict[str, float] = {}
+    latent = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    z = torch.empty(1, 4, latent, latent, device="meta", requires_grad=True)
+    context = torch.empty(1, min(77, text_config["max_position_embeddings"]), unet_config["cross_attention_dim"],
+                          device="meta")
+    t = torch.tensor([500], device="meta")
+    with warnings_off():
+        for name, targets, rank in (("unet", None, 0), ("unet_policy", LORA_TARGETS, lora_rank),
+                                    ("unet_lcm", lcm_targets, lcm_rank)):
+            with init_empty_weights():
+                unet = UNet2DConditionModel(**unet_config)
+            if targets:
+                inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
+                                                   init_lora_weights=False), unet)
+            forward_backward(unet, lambda x: unet(x, t, encoder_hidden_states=context).sample, z, name, out)
+        with init_empty_weights():
+            vae = AutoencoderKL(**vae_config)
+            tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
+            text = CLIPTextModel(CLIPTextConfig(**text_config))
+        forward_backward(vae, lambda x: vae.decode(x).sample, z, "decode", out)
+        size = vision["image_size"]
+        images = torch.empty(1, 3, size, size, device="meta", requires_grad=True)
+        forward_backward(tower, lambda x: tower(pixel_values=x).image_embeds, images, "reward", out)
+        length = min(77, text_config["max_position_embeddings"])
+        out["text_fwd"] = count(lambda: text(torch.zeros(1, length, dtype=torch.long, device="meta")))
+    return out
+
+
+@contextlib.contextmanager
+def warnings_off():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def model_flops(passes: dict[str, float], guidance: float, ours_checkpoint: tuple[bool, bool, bool] = (True,) * 3,
+                reference_checkpoint_unet: bool = True) -> dict[str, dict[str, float]]:
+    """FLOPs per trained sample by stage, from the passes each implementation makes: ours (the policy and the
+    reference on the doubled batch when guidance != 1; the consistency model, decoder and reward each recomputed in
+    the backward pass when checkpointed: `ours_checkpoint`) and the reference-style step (its policy UNet
+    recomputed when checkpointed; the consistency UNet on the doubled batch; the prompt encoded)."""
+    p, rows = passes, (2 if guidance != 1.0 else 1)
+    estimator, decoder, reward = (2 if on else 1 for on in ours_checkpoint)
+    ours = {"policy": rows * (p["unet_policy_fwd"] + p["unet_policy_bwd"]), "reference": rows * p["unet_fwd"],
+            "consistency": estimator * p["unet_lcm_fwd"] + p["unet_lcm_bwd"],
+            "decode": decoder * p["decode_fwd"] + p["decode_bwd"], "reward": reward * p["reward_fwd"] + p["reward_bwd"]}
+    policy_passes = 2 if reference_checkpoint_unet else 1
+    reference = {"prompt_encode": p["text_fwd"],
+                 "policy": rows * (policy_passes * p["unet_policy_fwd"] + p["unet_policy_bwd"]),
+                 "reference": rows * p["unet_fwd"], "consistency": rows * (p["unet_fwd"] + p["unet_bwd"]),
+                 "decode": p["decode_fwd"] + p["decode_bwd"], "reward": p["reward_fwd"] + p["reward_bwd"]}
+    return {"ours": ours, "reference": reference}
+
+
 # ---- equal work --------------------------------------------------------------------------------------------------
 def equal_work(device: str = "cpu", arch: str = "tiny", batch: int = 3, seed: int = 0) -> dict:
     """Ours' loss and policy-adapter gradient against the reference-style ones on the same states, steps, prompts,
@@ -1026,13 +1115,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the rows are appended to")
     p.add_argument("--no-append", action="store_true")
     p.add_argument("--check", action="store_true", help="run the equal-work check on the tiny networks and exit")
+    p.add_argument("--model-flops", action="store_true",
+                   help="print the FLOP model of the preset's step (meta device, seconds) and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.model_flops:
         p.error(f"--preset {args.preset} / --device cuda: CUDA is not available here")
     return args
 
@@ -1059,6 +1150,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not result["ok"]:
             raise SystemExit("equal-work check failed")
         return [result]
+    if args.model_flops:
+        model = model_flops(pass_flops(args.arch, args.resolution), args.guidance)
+        print_model(model, args)
+        return [model]
     impls = [i for i in args.impls.split(",") if i]
     unknown = set(impls) - set(IMPLS)
     if unknown:
@@ -1066,7 +1161,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     micro_batches = [int(b) for b in args.micro_batches.split(",")]
     device = torch.device(args.device)
     if args.attention == "xformers":
-        set_attention([], "xformers", device)   # the clear error, before any worker starts
+        try:
+            set_attention([], "xformers", device)   # the clear error, before any worker starts
+        except ValueError as err:
+            raise SystemExit(f"--{err}") from None
     spec = dict(arch=args.arch, device=args.device, resolution=args.resolution, sample_steps=args.sample_steps,
                 guidance=args.guidance, weights_dtype=args.weights_dtype, rollout_batch=max(micro_batches),
                 attention=args.attention, ours_args=args.ours_args, threads=args.threads)
@@ -1113,7 +1211,16 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
             runner.send(dict(message))
         return {impl: runner.receive() for impl, runner in runners.items()}
 
-    built = all_of({"cmd": "build"})
+    for runner in runners.values():   # the workers build while this process counts the FLOP model
+        runner.send({"cmd": "build"})
+    passes = pass_flops(args.arch, args.resolution)
+    built = {impl: runner.receive() for impl, runner in runners.items()}
+    models = {}
+    for impl in impls:
+        c = built[impl]["cfg"]
+        model = model_flops(passes, args.guidance, (c["checkpoint_estimator"], c["checkpoint_decoder"],
+                                                     c["checkpoint_reward"]), impl == "reference")
+        models[impl] = model["ours" if impl == "ours" else "reference"]
     print("built: " + ", ".join(f"{i} {b['build_s']:.0f} s" for i, b in built.items()), flush=True)
     rates = machine_rates(device, getattr(torch, args.weights_dtype))
     print(f"machine: matmul {rates['matmul_tflops']:.3g} TFLOP/s ({rates['matmul_dtype']}), copy "
@@ -1142,6 +1249,8 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
         for impl in impls:
             rows.append(make_row(impl, micro_batch, times[impl], counted.get(impl), memory[impl], rollouts[impl][-1],
                                  n, built[impl], rates, device))
+            rows[-1]["model_flops_per_sample"] = models[impl]
+            rows[-1]["model_flops_per_sample_total"] = sum(models[impl].values())
         line = " | ".join(f"{r['impl']} {r['samples_per_s']:.3g} samples/s, {r['peak_mib']:.0f} MiB"
                           for r in rows[-len(impls):])
         print(f"micro-batch {micro_batch}: {line}", flush=True)
@@ -1195,6 +1304,16 @@ def make_row(impl: str, micro_batch: int, samples: list[dict], counted: dict | N
         row["flops_total"] = sum(row["flops"].values())
         row["bound_s_total"] = sum(row["bound_s"].values())
     return row
+
+
+def print_model(model: dict, args) -> None:
+    """The FLOP model as a table: TFLOP per trained sample by stage."""
+    print(f"FLOPs per trained sample (TFLOP), {args.arch} at {args.resolution} px, guidance {args.guidance}; "
+          "ours with the trainer's default checkpointing, the reference-style step with its policy UNet checkpointed")
+    print(f"{'impl':>10} " + " ".join(f"{s[:11]:>11}" for s in STAGES[1:-2]) + f" {'total':>9}")
+    for impl, stages in model.items():
+        print(f"{impl:>10} " + " ".join(f"{stages.get(s, 0.0) / 1e12:>11.3f}" for s in STAGES[1:-2])
+              + f" {sum(stages.values()) / 1e12:>9.3f}")
 
 
 def print_table(rows: list[dict]) -> None:
