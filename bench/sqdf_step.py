@@ -4,7 +4,7 @@ memory, on equal work.
     python bench/sqdf_step.py [--preset cpu-small|sd15|tiny] [--micro-batches 1,4,8] [--impls ours,reference]
                               [--repeat N] [--warmup N] [--attention sdpa|xformers] [--cap-gib G] [--no-count]
                               [--in-process] [--label TEXT] [--json PATH] [--results PATH | --no-append]
-                              [--ours-args "--no-checkpoint-reward ..."]
+                              [--ours-args="--no-checkpoint-reward ..."]
     python bench/sqdf_step.py --check [--device cpu|cuda]     # equal work on the tiny networks, then exit
 
 Two implementations of one SQDF micro-step (docs/method.md §4.1) on the same networks, inputs and settings:
@@ -152,7 +152,7 @@ PRESETS = {
     "tiny": dict(arch="tiny", device="cpu", resolution=64, sample_steps=3, micro_batches="1,2", guidance=2.0,
                  weights_dtype="float32", repeat=1, warmup=1),
     "cpu-small": dict(arch="small", device="cpu", resolution=128, sample_steps=10, micro_batches="1,4,8",
-                      guidance=5.0, weights_dtype="float32", repeat=3, warmup=1),
+                      guidance=5.0, weights_dtype="float32", repeat=5, warmup=1, threads=1),
     "sd15": dict(arch="sd15", device="cuda", resolution=512, sample_steps=50, micro_batches="1,4,8", guidance=5.0,
                  weights_dtype="bfloat16", repeat=3, warmup=1),
 }
@@ -324,19 +324,19 @@ def sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_val=None, **
 
 
 class OpCounter(TorchDispatchMode):
-    """FLOPs and bytes of the matrix-class ops (matmul, convolution, attention; torch's flop_counter formulas, plus
-    the CPU flash attention), attributed to the clock's current stage, and each op's roofline time max(flops / rate,
-    bytes read and written / bandwidth)."""
+    """FLOPs and bytes (read and written) of every matrix-class op (matmul, convolution, attention; torch's
+    flop_counter formulas, plus the CPU flash attention), attributed to the clock's current stage: per stage, each
+    distinct (flops, bytes) with its count, from which `roofline` gives the lower bound at any rates."""
 
-    def __init__(self, clock: StageClock, flops_per_s: float, bytes_per_s: float):
+    def __init__(self, clock: StageClock):
         super().__init__()
         from torch.utils.flop_counter import flop_registry
         aten = torch.ops.aten
         self.formulas = dict(flop_registry)
         self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_cpu_flops
         self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_cpu_backward_flops
-        self.clock, self.flops_per_s, self.bytes_per_s = clock, flops_per_s, bytes_per_s
-        self.stages: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])   # flops, bytes, bound_s
+        self.clock = clock
+        self.stages: dict[str, dict[tuple[float, float], int]] = defaultdict(lambda: defaultdict(int))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -345,11 +345,17 @@ class OpCounter(TorchDispatchMode):
         if formula is not None and self.clock.op_stage is not None:
             flops = float(formula(*args, **kwargs, out_val=out))
             nbytes = float(sum(t.nbytes for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, Tensor)))
-            entry = self.stages[self.clock.prefix + self.clock.op_stage]
-            entry[0] += flops
-            entry[1] += nbytes
-            entry[2] += max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
+            self.stages[self.clock.prefix + self.clock.op_stage][flops, nbytes] += 1
         return out
+
+    def ops(self) -> dict[str, list[list[float]]]:
+        return {stage: [[f, b, n] for (f, b), n in ops.items()] for stage, ops in self.stages.items()}
+
+
+def roofline(ops: list[list[float]], rates: dict) -> float:
+    """Seconds at least: each op at max(flops / matmul rate, bytes / copy bandwidth), everything else fused away."""
+    flops_per_s, bytes_per_s = rates["matmul_tflops"] * 1e12, rates["copy_gbps"] * 1e9
+    return sum(n * max(f / flops_per_s, b / bytes_per_s) for f, b, n in ops)
 
 
 class SavedBytes:
@@ -804,6 +810,24 @@ def equal_work(device: str = "cpu", arch: str = "tiny", batch: int = 3, seed: in
     noise and weights (float32, the `tiny` preset's networks, a perturbed policy LoRA so that every gradient is
     non-zero, guidance 2 so that the doubled batches run, rows at the first, a middle and the last transition)."""
     dev = torch.device(device)
+    if dev.type == "cuda":   # TF32 would round each implementation's differently batched products differently
+        with tf32_off():
+            return equal_work_on(dev, arch, batch, seed)
+    return equal_work_on(dev, arch, batch, seed)
+
+
+@contextlib.contextmanager
+def tf32_off():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def equal_work_on(dev: torch.device, arch: str, batch: int, seed: int) -> dict:
+    device = str(dev)
     spec = dict(PRESETS["tiny"], rollout_batch=batch, device=device)
     cfg = make_config(spec)
     clock = StageClock(dev, enabled=False)
@@ -851,11 +875,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
-def machine_rates(device: torch.device, dtype: torch.dtype) -> dict:
+def machine_rates(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
     """The matmul rate (TFLOP/s, median of 5 products after a warm-up) in `dtype` and the copy bandwidth (GB/s,
-    bytes read + written) of `device`."""
-    n = 8192 if device.type == "cuda" else 1536
-    copy_bytes = 2**30 if device.type == "cuda" else 256 * MIB
+    bytes read + written) of `device` (`small`: smaller operands, for the smoke run)."""
+    n = 8192 if device.type == "cuda" else (384 if small else 1536)
+    copy_bytes = 2**30 if device.type == "cuda" else (16 if small else 256) * MIB
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     src = torch.empty(copy_bytes // 4, device=device)
@@ -915,13 +939,13 @@ class Handler:
         clock.prefix = ""
         return {"stages": stages}
 
-    def step(self, micro_batch: int, count: bool = False, rates: dict | None = None) -> dict:
+    def step(self, micro_batch: int, count: bool = False) -> dict:
         clock, impl = self.clock, self.impl
         counter = saved = None
         if count:
             resident = [t for m in impl.modules for t in [*m.parameters(), *m.buffers()]]
             saved = impl.saved = SavedBytes(resident)
-            counter = OpCounter(clock, rates["matmul_tflops"] * 1e12, rates["copy_gbps"] * 1e9)
+            counter = OpCounter(clock)
         clock.start("optimizer")
         with counter if counter is not None else contextlib.nullcontext():
             impl.step(micro_batch)
@@ -930,8 +954,7 @@ class Handler:
         out = {"stages": stages}
         if count:
             out["saved_bytes"] = saved.total()
-            out["ops"] = {stage: dict(zip(("flops", "gemm_bytes", "bound_s"), v))
-                          for stage, v in counter.stages.items()}
+            out["ops"] = counter.ops()
         return out
 
     def memory_reset(self) -> dict:
@@ -973,7 +996,9 @@ class Handler:
                         self.impl.step(micro_batch)
                         sync(self.device)
                         peak = torch.cuda.max_memory_allocated(self.device)
-                    except torch.cuda.OutOfMemoryError:
+                    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                        if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err):
+                            raise
                         self.impl.zero_grad()
                         gc.collect()
                         torch.cuda.empty_cache()
@@ -1108,8 +1133,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cap-gib", type=float, help="also find the largest micro-batch that fits in this many GiB")
     p.add_argument("--cap-ladder", default="1,2,4,6,8,12,16,24,32")
     p.add_argument("--in-process", action="store_true", help="both implementations in this process")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads(N) in each implementation's process")
-    p.add_argument("--ours-args", default="", help="train options for ours, e.g. \"--no-checkpoint-reward\"")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads(N) in each implementation's process (cpu-small: "
+                   "1, since two OpenMP threads per process on a shared 2-core machine stall each other)")
+    p.add_argument("--ours-args", default="",
+                   help="train options for ours, e.g. --ours-args=\"--no-checkpoint-reward\"")
     p.add_argument("--label", default="")
     p.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file the rows are appended to")
@@ -1160,6 +1187,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--impls: unknown {sorted(unknown)}; choose from {', '.join(IMPLS)}")
     micro_batches = [int(b) for b in args.micro_batches.split(",")]
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)   # this process measures the machine's rates as the workers run
     if args.attention == "xformers":
         try:
             set_attention([], "xformers", device)   # the clear error, before any worker starts
@@ -1222,9 +1251,9 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
                                                      c["checkpoint_reward"]), impl == "reference")
         models[impl] = model["ours" if impl == "ours" else "reference"]
     print("built: " + ", ".join(f"{i} {b['build_s']:.0f} s" for i, b in built.items()), flush=True)
-    rates = machine_rates(device, getattr(torch, args.weights_dtype))
+    rates = machine_rates(device, getattr(torch, args.weights_dtype), small=args.arch == "tiny")
     print(f"machine: matmul {rates['matmul_tflops']:.3g} TFLOP/s ({rates['matmul_dtype']}), copy "
-          f"{rates['copy_gbps']:.0f} GB/s", flush=True)
+          f"{rates['copy_gbps']:.0f} GB/s (measured again at the end; the higher rates set the bounds)", flush=True)
     n = max(micro_batches)
     rollouts = {impl: [] for impl in impls}
     for i in range(2):   # a warm-up rollout (it also fills the buffer), then a timed one; interleaved
@@ -1239,8 +1268,7 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
                 runners[impl]({"cmd": "step", "micro_batch": micro_batch})
         if not args.no_count:
             for impl in impls:
-                counted[impl] = runners[impl]({"cmd": "step", "micro_batch": micro_batch, "count": True,
-                                               "rates": rates})
+                counted[impl] = runners[impl]({"cmd": "step", "micro_batch": micro_batch, "count": True})
         all_of({"cmd": "memory_reset"})
         for i in range(args.repeat):
             for impl in (impls if i % 2 == 0 else impls[::-1]):
@@ -1254,6 +1282,11 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
         line = " | ".join(f"{r['impl']} {r['samples_per_s']:.3g} samples/s, {r['peak_mib']:.0f} MiB"
                           for r in rows[-len(impls):])
         print(f"micro-batch {micro_batch}: {line}", flush=True)
+    again = machine_rates(device, getattr(torch, args.weights_dtype), small=args.arch == "tiny")
+    best = {"matmul_tflops": max(rates["matmul_tflops"], again["matmul_tflops"]),
+            "copy_gbps": max(rates["copy_gbps"], again["copy_gbps"])}
+    for row in rows:
+        add_bounds(row, best, [rates, again])
     if args.cap_gib:
         ladder = [int(b) for b in args.cap_ladder.split(",")]
         for impl in impls:
@@ -1269,6 +1302,18 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
                                cap_tried=found["tried"])
             print(f"under {args.cap_gib:g} GiB: {impl} up to micro-batch {found['max_micro_batch']}", flush=True)
     return rows
+
+
+def add_bounds(row: dict, best: dict, measured: list[dict]) -> None:
+    """The lower bound per stage at the best of the rates measured before and after the run (a bound on time takes
+    the machine's highest observed rates), and the measured time's distance from it."""
+    row.update(matmul_tflops=best["matmul_tflops"], copy_gbps=best["copy_gbps"], rates_measured=measured)
+    ops = row.pop("ops", None)
+    if ops is None:
+        return
+    row["bound_s"] = {k: roofline(v, best) for k, v in ops.items()}
+    row["efficiency"] = {k: v / row["stages"][k] for k, v in row["bound_s"].items() if row["stages"].get(k)}
+    row["bound_s_total"] = sum(row["bound_s"].values())
 
 
 def make_row(impl: str, micro_batch: int, samples: list[dict], counted: dict | None, memory: dict,
@@ -1295,14 +1340,10 @@ def make_row(impl: str, micro_batch: int, samples: list[dict], counted: dict | N
                peak_rss_mib=memory["peak_rss_mib"], rss_base_mib=built["rss_base_mib"], build_s=built["build_s"],
                config=built["cfg"], **rates)
     if counted:
-        ops_by_stage = {k: v for k, v in counted["ops"].items() if not k.startswith("rollout.")}
-        row["flops"] = {k: v["flops"] for k, v in ops_by_stage.items()}
-        row["gemm_bytes"] = {k: v["gemm_bytes"] for k, v in ops_by_stage.items()}
-        row["bound_s"] = {k: v["bound_s"] for k, v in ops_by_stage.items()}
-        row["efficiency"] = {k: v["bound_s"] / row["stages"][k] for k, v in ops_by_stage.items()
-                             if row["stages"].get(k)}
+        row["ops"] = {k: v for k, v in counted["ops"].items() if not k.startswith("rollout.")}
+        row["flops"] = {k: sum(f * n for f, _, n in v) for k, v in row["ops"].items()}
+        row["gemm_bytes"] = {k: sum(b * n for _, b, n in v) for k, v in row["ops"].items()}
         row["flops_total"] = sum(row["flops"].values())
-        row["bound_s_total"] = sum(row["bound_s"].values())
     return row
 
 
