@@ -247,9 +247,24 @@ def test_results_do_not_depend_on_the_thread_count(gen, two_threads, shape, dtyp
 def test_launchers_reject_what_would_read_out_of_bounds(gen):
     x = randn(gen, (4, 6), torch.float32)
     alpha_t, alpha_prev = schedule(gen, 4, torch.float32)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="eps_cond must be a contiguous"):
         cpp.guided_step_forward(x, x.t().contiguous().t(), None, None, None, None, alpha_t, alpha_prev, ETA, W)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="alpha_t .*dtype torch.float32, got shape"):
         cpp.x0_estimate_forward(x, x, alpha_t.double(), None, None)
     with pytest.raises(ValueError, match="eps_ref_uncond"):
         cpp.guided_step_forward(x, x, x, x, None, None, alpha_t, alpha_prev, ETA, W)
+    # the module's own checks: element count, device, required tensors, tensor type, dtype of x, argument count
+    with pytest.raises(ValueError, match="alpha_prev must be a contiguous CPU tensor of 4 elements"):
+        cpp.guided_step_forward(x, x, None, None, None, None, alpha_t, alpha_prev[:3], ETA, W)
+    with pytest.raises(ValueError, match="noise .*device meta"):
+        cpp.guided_step_forward(x, x, None, None, None, x.to("meta"), alpha_t, alpha_prev, ETA, W)
+    with pytest.raises(ValueError, match="alpha_t must be a tensor, got None"):
+        cpp.guided_step_backward(x, None, x, None, None, None, None, alpha_prev, ETA, W, True, True, True, True)
+    with pytest.raises(TypeError, match="eps must be a torch.Tensor, got list"):
+        cpp.x0_estimate_forward(x, [1.0], alpha_t, None, None)
+    with pytest.raises(ValueError, match="x must be float32/float64/float16/bfloat16"):
+        cpp.x0_estimate_forward(x.int(), x.int(), alpha_t, None, None)
+    with pytest.raises(ValueError, match="reward must be a non-empty float32/float64"):
+        cpp.sqdf_loss_forward(x, x, x, 0.9, 0.5, None)
+    with pytest.raises(TypeError, match="takes 5 positional arguments"):
+        cpp._module().x0_estimate_forward(x, x, alpha_t, None)

@@ -111,6 +111,12 @@ def _cached(key: tuple) -> tuple[str, str]:
     return found
 
 
+def backend_of(t: torch.Tensor) -> str:
+    """The backend for tensors on t's device: the ops' per-call lookup (is_cpu is a flag read; .device builds an
+    object, a quarter of a microsecond)."""
+    return resolve_type("cpu" if t.is_cpu else t.device.type)[0]
+
+
 def resolve(device: torch.device) -> tuple[str, str]:
     """(backend, why) for tensors on `device`."""
     return resolve_type(device.type)

@@ -41,7 +41,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 def _run(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w):
     """The validated step on the backend in force: (x_prev, kl or None)."""
-    backend = dispatch.resolve_type(x.device.type)[0]
+    backend = dispatch.backend_of(x)
     x, eps_cond, eta, w = x.contiguous(), eps_cond.contiguous(), float(eta), float(w)
     eps_uncond, eps_ref_cond, eps_ref_uncond, noise = (_contiguous(eps_uncond), _contiguous(eps_ref_cond),
                                                        _contiguous(eps_ref_uncond), _contiguous(noise))
@@ -49,11 +49,11 @@ def _run(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, 
         x_prev, kl = reference.guided_policy_step(x, eps_cond, eps_uncond, w, alpha_t, alpha_prev, eta, noise,
                                                   eps_ref_cond, eps_ref_uncond)
         return x_prev, (None if kl is None else kl.to(alpha_t.dtype))
-    args = (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w)
+    tensors = (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev)
     if torch.compiler.is_compiling():
-        x_prev, kl = _guided_step_op(*args, backend)
-    else:
-        x_prev, kl = _GuidedStep.apply(dispatch.launchers(backend), *args)
+        x_prev, kl = _guided_step_op(*tensors, eta, w, backend)
+    else:  # the non-tensor arguments in one: autograd.Function.apply costs a few tenths of a microsecond per argument
+        x_prev, kl = _GuidedStep.apply((dispatch.launchers(backend), eta, w), *tensors)
     return x_prev, (kl if eps_ref_cond is not None else None)
 
 
@@ -110,30 +110,30 @@ def rollout_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, guidanc
 
 # --- autograd: one backward for the eager Function and the compiled custom op -----------------------------------
 def _backward(launch_backward, saved, eta, w, need, grad_x_prev, grad_kl):
-    """Gradients of the 10 step inputs, from a launcher-contract backward (None for outputs not produced)."""
+    """Gradients of x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond and noise (`need`: which of them are
+    wanted, in that order), from a launcher-contract backward (None for outputs not produced)."""
     eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, alpha_t, alpha_prev = saved
-    grads = launch_backward(
+    return launch_backward(
         grad_x_prev.contiguous(), None if grad_kl is None or grad_kl.numel() == 0 else grad_kl.contiguous(),
         eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, alpha_t, alpha_prev, eta, w,
         need[0], need[1] or need[2], need[3] or need[4], need[5])
-    return (*grads, None, None, None, None)
 
 
 class _GuidedStep(torch.autograd.Function):
-    """Eager autograd over a fused backend's launchers (`launch`, the backend's module)."""
+    """Eager autograd over a fused backend's launchers: `config` is (launch, eta, w), launch the backend's module."""
 
     @staticmethod
-    def forward(ctx, launch, x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev,
-                eta, w):
+    def forward(ctx, config, x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev):
+        launch, eta, w = ctx.config = config
         ctx.save_for_backward(eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, alpha_t, alpha_prev)
-        ctx.launch, ctx.eta, ctx.w = launch, eta, w
         return launch.guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t,
                                           alpha_prev, eta, w)
 
     @staticmethod
     def backward(ctx, grad_x_prev, grad_kl):
-        return (None, *_backward(ctx.launch.guided_step_backward, ctx.saved_tensors, ctx.eta, ctx.w,
-                                 ctx.needs_input_grad[1:], grad_x_prev, grad_kl))
+        launch, eta, w = ctx.config
+        return (None, *_backward(launch.guided_step_backward, ctx.saved_tensors, eta, w, ctx.needs_input_grad[1:],
+                                 grad_x_prev, grad_kl), None, None)
 
 
 @torch.library.custom_op("sqdf::guided_step", mutates_args=())
@@ -180,7 +180,7 @@ def _op_backward(ctx, grad_x_prev, grad_kl):
     def launch_backward(*args):
         return tuple(none_if_empty(g) for g in _guided_step_backward_op(*args, ctx.backend))
     return (*_backward(launch_backward, ctx.saved_tensors, ctx.eta, ctx.w, ctx.needs_input_grad, grad_x_prev,
-                       grad_kl), None)
+                       grad_kl), None, None, None, None, None)
 
 
 _guided_step_op.register_autograd(_op_backward, setup_context=_setup_context)

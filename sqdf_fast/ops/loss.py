@@ -37,7 +37,7 @@ def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
     if reward.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"reward must be float32 or float64 (per-sample values are kept in full precision), "
                          f"got {reward.dtype}")
-    backend = dispatch.resolve_type(reward.device.type)[0]
+    backend = dispatch.backend_of(reward)
     reward, kl, gamma, alpha = reward.contiguous(), kl.contiguous(), float(gamma), float(alpha)
     k = k.to(reward.dtype).contiguous()
     weight = None if weight is None else weight.contiguous()

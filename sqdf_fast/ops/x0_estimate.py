@@ -25,7 +25,7 @@ def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tens
     alpha_t = per_sample("alpha_t", alpha_t, x, 0.0, 1.0)
     c_skip, c_out = (None if value is None else per_sample(name, value, x, -float("inf"), float("inf"))
                      for name, value in (("c_skip", c_skip), ("c_out", c_out)))
-    backend = dispatch.resolve_type(x.device.type)[0]
+    backend = dispatch.backend_of(x)
     x, eps = x.contiguous(), eps.contiguous()
     if backend == "torch":
         return reference.consistency_x0(x, eps, alpha_t, 0.0 if c_skip is None else c_skip,
