@@ -69,9 +69,12 @@ which this leaves out). `peak_rss_mib` is the process's peak resident memory, `r
 after the imports, before building anything.
 
 How far from the limit: `flops` and `gemm_bytes` per stage (matrix products, convolutions and attention, forward
-and backward, recomputation included), and `bound_s`, the sum over those ops of max(flops / matmul rate, bytes /
-copy bandwidth) at this machine's measured rates (`matmul_tflops` in the weights' dtype, `copy_gbps`), everything
-else assumed fused away: a lower bound on the stage's time. `efficiency` = bound_s / measured seconds.
+and backward, recomputation included), and `bound_s`, the sum over those ops of max(flops / dense rate, bytes /
+copy bandwidth) at this machine's measured rates, everything else assumed fused away: a lower bound on the stage's
+time. The dense rate `dense_tflops` is the higher of a measured matmul (`matmul_tflops`) and 3x3 convolution
+(`conv_tflops`) in the weights' dtype (on this project's CPU the BLAS matmul reaches about two thirds of what
+oneDNN's convolutions do), `copy_gbps` the copy bandwidth; both are measured before and after the run and the
+higher values kept. `efficiency` = bound_s / measured seconds.
 
 `--cap-gib G`: afterwards, the largest micro-batch of a ladder whose step fits in G GiB, per implementation (CUDA:
 torch.cuda.set_per_process_memory_fraction, an out-of-memory error ends the ladder; CPU: the accounted peak).
@@ -354,7 +357,7 @@ class OpCounter(TorchDispatchMode):
 
 def roofline(ops: list[list[float]], rates: dict) -> float:
     """Seconds at least: each op at max(flops / matmul rate, bytes / copy bandwidth), everything else fused away."""
-    flops_per_s, bytes_per_s = rates["matmul_tflops"] * 1e12, rates["copy_gbps"] * 1e9
+    flops_per_s, bytes_per_s = rates["dense_tflops"] * 1e12, rates["copy_gbps"] * 1e9
     return sum(n * max(f / flops_per_s, b / bytes_per_s) for f, b, n in ops)
 
 
@@ -876,16 +879,22 @@ def peak_rss_mib() -> float:
 
 
 def machine_rates(device: torch.device, dtype: torch.dtype, small: bool = False) -> dict:
-    """The matmul rate (TFLOP/s, median of 5 products after a warm-up) in `dtype` and the copy bandwidth (GB/s,
-    bytes read + written) of `device` (`small`: smaller operands, for the smoke run)."""
-    n = 8192 if device.type == "cuda" else (384 if small else 1536)
-    copy_bytes = 2**30 if device.type == "cuda" else (16 if small else 256) * MIB
+    """This machine's rates in `dtype`: a square matmul and a 3x3 convolution (TFLOP/s, the fastest of 5 after a
+    warm-up), `dense_tflops` the higher of the two (the rate the bounds use: on some CPUs the BLAS matmul runs well
+    below what oneDNN's convolutions reach), and the copy bandwidth (GB/s, bytes read + written). `small`: smaller
+    operands, for the smoke run."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else (384 if small else 1536)
+    batch, channels, size = (32, 640, 64) if cuda else ((1, 32, 16) if small else (8, 128, 64))
+    copy_bytes = 2**30 if cuda else (16 if small else 256) * MIB
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    conv = nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype).requires_grad_(False)
+    image = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     src = torch.empty(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
 
-    def median_s(fn) -> float:
+    def fastest_s(fn) -> float:
         fn()
         times = []
         for _ in range(5):
@@ -894,11 +903,13 @@ def machine_rates(device: torch.device, dtype: torch.dtype, small: bool = False)
             fn()
             sync(device)
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    mm = median_s(lambda: torch.mm(a, b))
-    cp = median_s(lambda: dst.copy_(src))
-    return {"matmul_tflops": 2 * n**3 / mm / 1e12, "matmul_dtype": str(dtype).removeprefix("torch."),
-            "copy_gbps": 2 * copy_bytes / cp / 1e9}
+        return min(times)
+    with torch.no_grad():
+        matmul = 2 * n**3 / fastest_s(lambda: torch.mm(a, b)) / 1e12
+        convolution = 2 * batch * size**2 * channels**2 * 9 / fastest_s(lambda: conv(image)) / 1e12
+        copy = 2 * copy_bytes / fastest_s(lambda: dst.copy_(src)) / 1e9
+    return {"matmul_tflops": matmul, "conv_tflops": convolution, "dense_tflops": max(matmul, convolution),
+            "matmul_dtype": str(dtype).removeprefix("torch."), "copy_gbps": copy}
 
 
 class Handler:
@@ -1252,8 +1263,9 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
         models[impl] = model["ours" if impl == "ours" else "reference"]
     print("built: " + ", ".join(f"{i} {b['build_s']:.0f} s" for i, b in built.items()), flush=True)
     rates = machine_rates(device, getattr(torch, args.weights_dtype), small=args.arch == "tiny")
-    print(f"machine: matmul {rates['matmul_tflops']:.3g} TFLOP/s ({rates['matmul_dtype']}), copy "
-          f"{rates['copy_gbps']:.0f} GB/s (measured again at the end; the higher rates set the bounds)", flush=True)
+    print(f"machine: matmul {rates['matmul_tflops']:.3g}, convolution {rates['conv_tflops']:.3g} TFLOP/s "
+          f"({rates['matmul_dtype']}), copy {rates['copy_gbps']:.0f} GB/s (measured again at the end; the higher "
+          "rates set the bounds)", flush=True)
     n = max(micro_batches)
     rollouts = {impl: [] for impl in impls}
     for i in range(2):   # a warm-up rollout (it also fills the buffer), then a timed one; interleaved
@@ -1283,8 +1295,7 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
                           for r in rows[-len(impls):])
         print(f"micro-batch {micro_batch}: {line}", flush=True)
     again = machine_rates(device, getattr(torch, args.weights_dtype), small=args.arch == "tiny")
-    best = {"matmul_tflops": max(rates["matmul_tflops"], again["matmul_tflops"]),
-            "copy_gbps": max(rates["copy_gbps"], again["copy_gbps"])}
+    best = {k: max(rates[k], again[k]) for k in ("matmul_tflops", "conv_tflops", "dense_tflops", "copy_gbps")}
     for row in rows:
         add_bounds(row, best, [rates, again])
     if args.cap_gib:
@@ -1307,7 +1318,7 @@ def measure(args, spec: dict, runners: dict, micro_batches: list[int], device: t
 def add_bounds(row: dict, best: dict, measured: list[dict]) -> None:
     """The lower bound per stage at the best of the rates measured before and after the run (a bound on time takes
     the machine's highest observed rates), and the measured time's distance from it."""
-    row.update(matmul_tflops=best["matmul_tflops"], copy_gbps=best["copy_gbps"], rates_measured=measured)
+    row.update(best, rates_measured=measured)
     ops = row.pop("ops", None)
     if ops is None:
         return
