@@ -528,6 +528,9 @@ def plot_oracle_curve(rows: list[dict], path: Path, title: str) -> None:
 def optimise(train: TrainConfig, cfg: BBOConfig, resume: str | None = None) -> dict:
     """One black-box run in this process (new, or resumed from `resume`); returns its summary."""
     validate(cfg, train)
+    if train.out is None:
+        train = dataclasses.replace(train, out=f"runs/bbo-{train.task.replace(':', '-')}-{train.method}-"
+                                               f"{time.strftime('%Y%m%d-%H%M%S')}")
     with launch(train.device) as ctx, ops.use_backend(train.kernels):
         if ctx.world > 1:
             raise ValueError("the black-box loop runs in one process (WORLD_SIZE=1): its oracle and proxy are "
