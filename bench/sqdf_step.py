@@ -37,8 +37,8 @@ Networks (`--arch`, set by the preset), all random weights (nothing downloaded):
             CLIP text tower 256 wide, 2 layers; CLIP image tower 128 wide, 4 layers, at 224 px; LCM-LoRA rank 16),
             with FLOPs in about SD-1.5's proportions at 512 px (VAE decode 3.8x and the reward 0.3x one UNet
             forward; SD-1.5: 3.1x and 0.2x), at a size two CPU cores time in minutes. SD-1.5's own networks at 64
-            px take about a minute per micro-step at micro-batch 8 on such a machine (the 224 px ViT-L reward alone
-            8 s forward), and the reference's three float32 UNets plus ours need 17 GB.
+            px take tens of seconds per micro-step at micro-batch 8 on such a machine (the 224 px ViT-L reward
+            alone 8 s forward), and the reference's three float32 UNets plus ours need 17 GB.
     tiny    the tests' tiny pipeline (sqdf_fast.tasks.sd_tiny) with a 1-layer 32-px CLIP reward
 Presets: `cpu-small` (small, 128 px, 10 steps, float32, CPU), `sd15` (sd15, 512 px, 50 steps, bfloat16 frozen
 weights, CUDA), `tiny` (the smoke test's). Both implementations take the sd task's defaults (guidance 5, alpha 2,
