@@ -142,9 +142,10 @@ def plot_curves(path: Path, rows: list[dict], labels: list[str], task: str) -> N
         mean = [m for m, _ in stats]
         std = [s for _, s in stats]
         colour = plt.cm.tab10(i % 10)
-        ax.plot(budgets, mean, "o-", color=colour, label=label)
+        # a step function: at a budget, the model fine-tuned on the queries made so far (none in between)
+        ax.plot(budgets, mean, "o-", color=colour, label=label, drawstyle="steps-post")
         ax.fill_between(budgets, [m - s for m, s in stats], [m + s for m, s in zip(mean, std)], color=colour,
-                        alpha=0.15)
+                        alpha=0.15, step="post")
     ax.set_xlabel("oracle queries given to the proxy (cumulative)")
     ax.set_ylabel("oracle reward of evaluation samples")
     ax.set_title(f"black-box optimisation on {task} (mean +- std over seeds)", fontsize=9)

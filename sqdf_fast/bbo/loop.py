@@ -512,8 +512,8 @@ def plot_oracle_curve(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.6))
     queries = [r["queries"] for r in rows]
-    ax.plot(queries, [r["oracle_reward"] for r in rows], "o-", label="mean")
-    ax.plot(queries, [r["oracle_reward_max"] for r in rows], "^--", alpha=0.6, label="max")
+    ax.plot(queries, [r["oracle_reward"] for r in rows], "o-", label="mean", drawstyle="steps-post")
+    ax.plot(queries, [r["oracle_reward_max"] for r in rows], "^--", alpha=0.6, label="max", drawstyle="steps-post")
     ax.set_xlabel("oracle queries (cumulative)")
     ax.set_ylabel("oracle reward of evaluation samples")
     ax.set_title(title, fontsize=9)
