@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if config.from_dict({"task": args.task}, "task").gamma == 1.0:   # the task trains without a discount
             ablations[0] = "sqdf-discount"
         args.labels += [label for label in ablations if label not in args.labels]
+    return check_common(parser, args)
+
+
+def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--set KEY=VALUE items into args.overrides, and --seeds checked (shared with sqdf_fast.bbo.compare)."""
     args.overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -284,18 +289,26 @@ def copy_first_seed_samples(out: Path, labels: list[str]) -> None:
         shutil.copyfile(first, out / "samples" / "base-model.png")
 
 
+def start_comparison(out: Path, labels: list[str], seeds: int, make_config) -> tuple[Path, list[dict], set, dict]:
+    """OUT/results.json's path and rows so far (an interrupted comparison continues), the (label, seed) pairs they
+    hold, and every run's configuration `make_config(label, seed)`, all checked before the first run starts (one
+    line and exit on a bad one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    try:
+        configs = {(label, seed): make_config(label, seed) for label in labels for seed in range(seeds)}
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    return results_path, rows, {(r["method"], r["seed"]) for r in rows}, configs
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     command = "python -m sqdf_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.json"
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
-    done = {(r["method"], r["seed"]) for r in rows}
-    try:   # every configuration is checked before the first run starts
-        configs = {(label, seed): run_config(args.task, label, seed, args.overrides, args.out)
-                   for label in args.labels for seed in range(args.seeds)}
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    results_path, rows, done, configs = start_comparison(
+        args.out, args.labels, args.seeds, lambda label, seed: run_config(args.task, label, seed, args.overrides,
+                                                                          args.out))
     start = time.time()
     for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
         if (label, seed) in done:

@@ -230,24 +230,32 @@ def add_options(parser: argparse.ArgumentParser, fields: dict[str, dataclasses.F
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """Defaults < --config file (or the resumed run's config.json) < command line. Exits with one line on error."""
     args = vars(build_parser().parse_args(argv))
-    config_file, resume = args.pop("config", None), args.pop("resume", None)
     try:
-        values = {}
-        if resume is not None:
-            saved = Path(resume) / "config.json"
-            if not saved.is_file():
-                raise ValueError(f"resume={resume!r}: no config.json there (not a run directory)")
-            values.update(json.loads(saved.read_text()))
-        if config_file is not None:
-            try:
-                values.update(json.loads(Path(config_file).read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"config={config_file!r}: {err}") from err
-        values.update(args)
-        if resume is not None:
-            values["out"] = str(resume)
-        cfg = from_dict(values, config_file or "config")
+        values, resume, source = layered_values(args)
+        cfg = from_dict(values, source)
         validate(cfg)
     except ValueError as err:
         sys.exit(f"error: {err}")
     return cfg, resume
+
+
+def layered_values(args: dict) -> tuple[dict, str | None, str]:
+    """The option values of a parsed command line (`args`, with its --config and --resume): the resumed run's
+    config.json < the --config file < the command line, `out` the resumed folder; also the resume folder and the
+    name of the source for error messages."""
+    config_file, resume = args.pop("config", None), args.pop("resume", None)
+    values = {}
+    if resume is not None:
+        saved = Path(resume) / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"resume={resume!r}: no config.json there (not a run directory)")
+        values.update(json.loads(saved.read_text()))
+    if config_file is not None:
+        try:
+            values.update(json.loads(Path(config_file).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"config={config_file!r}: {err}") from err
+    values.update(args)
+    if resume is not None:
+        values["out"] = str(resume)
+    return values, resume, config_file or "config"

@@ -161,7 +161,8 @@ def runs(tmp_path_factory) -> dict:
     entries = sorted(p.name for p in work.iterdir())
     first_step = {"adapter": load_file(str(b / "run/checkpoint/adapter.safetensors")), "rows": read_rows(b / "run")}
     torchrun(b, ["--resume", "run", "--steps", "4"])
-    return {"a": a, "b": b, "stdout_a": stdout_a, "stdout_collectives": stdout_collectives, "entries": entries, "first_step": first_step}
+    return {"a": a, "b": b, "stdout_a": stdout_a, "stdout_collectives": stdout_collectives, "entries": entries,
+            "first_step": first_step}
 
 
 def test_ranks_hold_identical_adapters(runs):

@@ -31,7 +31,7 @@ import torch
 
 from sqdf_fast import config
 from sqdf_fast.bbo import loop
-from sqdf_fast.compare import mean_std, parse_label, parse_value
+from sqdf_fast.compare import check_common, mean_std, parse_label, start_comparison
 from sqdf_fast.distributed import resolve_device
 from sqdf_fast.info import device_name
 
@@ -56,15 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a training or black-box option for every run (repeatable)")
     args = parser.parse_args(argv)
     args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        args.overrides[key.strip().replace("-", "_")] = parse_value(value.strip())
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: must be >= 1")
-    return args
+    return check_common(parser, args)
 
 
 def run_configs(task: str, label: str, seed: int, overrides: dict, out: Path):
@@ -159,15 +151,9 @@ def plot_curves(path: Path, rows: list[dict], labels: list[str], task: str) -> N
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     command = "python -m sqdf_fast.bbo.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.json"
-    rows = json.loads(results.read_text()) if results.exists() else []
-    done = {(r["method"], r["seed"]) for r in rows}
-    try:   # every configuration is checked before the first run starts
-        configs = {(label, seed): run_configs(args.task, label, seed, args.overrides, args.out)
-                   for label in args.labels for seed in range(args.seeds)}
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    results, rows, done, configs = start_comparison(
+        args.out, args.labels, args.seeds, lambda label, seed: run_configs(args.task, label, seed, args.overrides,
+                                                                           args.out))
     for i, ((label, seed), (train, cfg)) in enumerate(configs.items(), 1):
         if (label, seed) in done:
             continue

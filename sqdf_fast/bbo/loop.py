@@ -190,27 +190,16 @@ def configs_from(values: dict, source: str) -> tuple[TrainConfig, BBOConfig]:
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, BBOConfig, str | None]:
+    """Defaults < --config file (or the resumed run's config.json) < command line, as the trainer's; --steps is
+    refused (rounds x steps_per_round). Exits with one line on error."""
     args = vars(build_parser().parse_args(argv))
-    config_file, resume = args.pop("config", None), args.pop("resume", None)
     try:
-        if "steps" in args:
+        resumed = "resume" in args
+        values, resume, source = config.layered_values(args)
+        if "steps" in args or ("steps" in values and not resumed):   # a resumed config.json holds the derived value
             raise ValueError("steps: the black-box loop trains rounds x steps_per_round steps; set --steps-per-round")
-        values = {}
-        if resume is not None:
-            saved = Path(resume) / "config.json"
-            if not saved.is_file():
-                raise ValueError(f"resume={resume!r}: no config.json there (not a run directory)")
-            values.update(json.loads(saved.read_text()))
-            values.pop("steps", None)
-        if config_file is not None:
-            try:
-                values.update(json.loads(Path(config_file).read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"config={config_file!r}: {err}") from err
-        values.update(args)
-        if resume is not None:
-            values["out"] = str(resume)
-        train, bbo = configs_from(values, config_file or "config")
+        values.pop("steps", None)
+        train, bbo = configs_from(values, source)
         validate(bbo, train)   # first: the budget sets train.steps
         config.validate(train)
     except ValueError as err:
