@@ -150,12 +150,15 @@ def part_cuda_tests(ctx: dict) -> dict:
     missing = [f for f in CUDA_TEST_FILES if not (ROOT / f).is_file()]
     if missing:
         raise RuntimeError(f"no such test file: {', '.join(missing)}")
-    argv = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # run from the output folder, not the checkout: the current directory comes first on sys.path, and the
+    # checkout's sqdf_fast/ has no kernels/ (the staged copy on PYTHONPATH has)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
+            "--rootdir", str(ROOT)]
     # no CUDA here (the suite's own tests run in CI): the interpreter, flags and files are what the smoke checks
-    argv += ["--version"] if ctx["smoke"] else list(CUDA_TEST_FILES)
+    argv += ["--version"] if ctx["smoke"] else [str(ROOT / f) for f in CUDA_TEST_FILES]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     try:
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=ctx["box"])
+        done = subprocess.run(argv, cwd=ctx["out"], env=env, capture_output=True, text=True, timeout=ctx["box"])
         output, code = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")

@@ -38,7 +38,7 @@ find "$WORK/pkg" -name __pycache__ -prune -exec rm -rf {} +
 export PYTHONPATH="$WORK/pkg:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$ROOT"
-"$PYTHON" -P -c "import importlib.util as u, sys; s = u.find_spec('sqdf_fast.kernels')
-sys.exit(0 if s and s.origin.startswith('$WORK') else 1)" \
+(cd "$WORK" && "$PYTHON" -c "import importlib.util as u, sys; s = u.find_spec('sqdf_fast.kernels')
+sys.exit(0 if s and s.origin.startswith('$WORK') else 1)") \
   || { echo "gpu_suite: the staged sqdf_fast copy is not the one found first" >&2; exit 2; }
 "$PYTHON" bench/gpu_suite.py ${ARGS[@]+"${ARGS[@]}"}
