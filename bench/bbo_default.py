@@ -5,8 +5,9 @@
 Runs `python -m sqdf_fast.train` and `python -m sqdf_fast.bbo` with no options (each in a fresh process, with a
 temporary --out), alternating, N times each, and appends one JSON row to bench/results/bbo_default.jsonl (or PATH):
 both process wall times per repeat, their medians and ratio (target: the black-box default within 3x the
-training job) and the training job's final figures, the black-box run's time split summed over its rounds and the share of the proxy fit and bonus in
-the rounds' time (target: under 10%), its oracle reward base and final, and the machine.
+training job), the training job's final figures (a change meant to leave results alone keeps them equal), the
+black-box run's time split summed over its rounds and the share of the proxy fit and bonus in the rounds' time
+(target: under 10%), its oracle reward base and final, and the machine.
 """
 from __future__ import annotations
 

@@ -240,8 +240,12 @@ def test_gmm2d_run_raises_the_oracle_reward_and_resumes_after_a_kill_without_que
     assert len(calls) == len(set(calls)), "a batch already labelled was queried again"
     assert sorted(calls) == sorted(full_calls), "the killed and resumed run asked other questions"
     for key in ("oracle_reward_final", "oracle_reward_max_final", "queries", "eval_queries", "diversity_final",
-                "fd_final", "kl_final", "proxy_val_error_final"):
+                "fd_final", "kl_final", "proxy_val_error_final", "dist_to_target_final"):
         assert resumed[key] == summary[key], key
+    train, cfg, resume = loop.parse(["--resume", str(killed)])   # a finished run: its summary again, no query
+    again = loop.optimise(train, cfg, resume)
+    assert again["dist_to_target_final"] == summary["dist_to_target_final"]
+    assert log.read_text().split() == calls
 
 
 @pytest.mark.usefixtures("tests_on_path")

@@ -311,13 +311,15 @@ class BlackBox:
         self.rows = [row for row in self.rows if row["round"] <= self.done]
         self.queries.load(self.done + 1)
         self.last_fit = None if state["last_fit"] is None else FitResult(**state["last_fit"])
+        self.target_metrics = state["target_metrics"]
         if self.net is not None and self.done < self.cfg.rounds and self.schedule[self.done] == 0:   # kept
             self.proxy_reward()
 
     def save(self) -> None:
         self.run.extra = {"bbo": {"round": self.done, "eval_queries": self.eval_queries,
                                   "proxy": None if self.net is None else self.net.state_dict(),
-                                  "last_fit": None if self.last_fit is None else dataclasses.asdict(self.last_fit)}}
+                                  "last_fit": None if self.last_fit is None else dataclasses.asdict(self.last_fit),
+                                  "target_metrics": self.target_metrics}}
         save_checkpoint(self.run)
 
     def new_net(self, in_features: int) -> ProxyNet:
