@@ -47,6 +47,8 @@ EVAL_SEED_OFFSET = 99_991       # evaluation noise comes from its own generator:
 EVAL_METRICS = ("reward", "diversity", "fd", "path_kl")   # plus the task's target metrics where it knows them
 SUMMARY_KEYS = ("reward_base", "reward_final", "diversity_base", "diversity_final", "fd_base", "fd_final",
                 "path_kl_final", "steps", "wall_s")
+# what a run directory holds: a new run refuses a folder with any of them (overwriting one could lose the run)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint", "checkpoint.prev", "checkpoint.tmp")
 CURVES = ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward", "eval_diversity", "eval_fd",
           "eval_path_kl")
 
@@ -205,8 +207,10 @@ def read_run(out: Path, resume: str | None, world: int) -> tuple[dict, dict, lis
     """Rank 0's checks and reads before any work: None for a new run (refusing to overwrite one), else the
     checkpoint's (adapter, state) and the metrics rows up to its step."""
     if resume is None:
-        if (out / "checkpoint").exists():
-            raise ValueError(f"out={str(out)!r} already holds a run: pass --resume {out} or choose another --out")
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:   # e.g. only checkpoint.prev/ after a kill during the swap: the run's only checkpoint
+            raise ValueError(f"out={str(out)!r} already holds a run ({', '.join(found)}): pass --resume {out} or "
+                             "choose another --out")
         return None
     adapter, state = checkpoint.load(out)
     if state["world_size"] != world:

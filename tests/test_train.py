@@ -85,6 +85,21 @@ def test_resume_missing_or_corrupt_checkpoint(tmp_path, capsys, finished):
     assert "resume" in str(err.value)
 
 
+@pytest.mark.parametrize("left", ["checkpoint.prev", "metrics.jsonl", "config.json"])
+def test_a_folder_holding_any_part_of_a_run_is_refused_without_resume(tmp_path, finished, left):
+    """A run killed during the checkpoint swap leaves only checkpoint.prev/, its only checkpoint: a new run in that
+    folder must not overwrite config.json and metrics.jsonl or delete it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    source = Path(finished[0].out) / ("checkpoint" if left == "checkpoint.prev" else left)
+    (shutil.copytree if source.is_dir() else shutil.copyfile)(source, out / left)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(out), "--steps", "2"])
+    assert f"already holds a run ({left}): pass --resume" in str(err.value)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_nonfinite_reward_skips_steps_then_stops(tmp_path):
     cfg = tiny(tmp_path, steps=6, log_every=1, max_nonfinite_steps=3, reward="rewards_for_tests:always_nan")
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
