@@ -129,17 +129,15 @@ from sqdf_fast.tasks.sd import (  # noqa: E402
     CLIP_L14_TEXT_CONFIG,
     CLIP_L14_VISION_CONFIG,
     SD15_UNET_CONFIG,
-    SD_SCHEDULER_CONFIG,
     SD_VAE_CONFIG,
     Pipeline,
     build_task,
-    byte_level_tokenizer,
     load_prompts,
     random_lora_state_dict,
     random_pipeline,
 )
 from sqdf_fast.tasks.sd.lcm import LCM_LORA_TARGETS, load_lcm_lora  # noqa: E402
-from sqdf_fast.tasks.sd.pipeline import RANDOM_WEIGHTS_SEED, random_module  # noqa: E402
+from sqdf_fast.tasks.sd.pipeline import RANDOM_WEIGHTS_SEED  # noqa: E402
 from sqdf_fast.tasks.sd.prompts import encode_prompts  # noqa: E402
 from sqdf_fast.tasks.sd.task import LORA_TARGETS, random_aesthetic_reward  # noqa: E402
 
@@ -182,14 +180,8 @@ ARCHS = {
 
 def small_pipeline(dtype: torch.dtype) -> Pipeline:
     """SD-1.5's layouts, narrower (`--arch small`), seeded random weights as `random_pipeline`'s."""
-    generator = torch.Generator().manual_seed(RANDOM_WEIGHTS_SEED)
-    tokenizer = byte_level_tokenizer()
-    text_config = CLIPTextConfig(**SMALL_TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    unet = random_module(lambda: UNet2DConditionModel(**SMALL_UNET_CONFIG), generator, dtype)
-    vae = random_module(lambda: AutoencoderKL(**SMALL_VAE_CONFIG), generator, dtype)
-    text_encoder = random_module(lambda: CLIPTextModel(text_config), generator, dtype)
-    return Pipeline(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG))
+    return random_pipeline(dtype, unet_config=SMALL_UNET_CONFIG, vae_config=SMALL_VAE_CONFIG,
+                           text_config=SMALL_TEXT_CONFIG)
 
 
 def build_networks(arch: str, dtype: torch.dtype) -> dict:

@@ -183,14 +183,16 @@ def materialise(module: nn.Module, dtype: torch.dtype) -> None:
                 setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=False))
 
 
-def random_pipeline(dtype: torch.dtype, seed: int = RANDOM_WEIGHTS_SEED) -> Pipeline:
+def random_pipeline(dtype: torch.dtype, seed: int = RANDOM_WEIGHTS_SEED, unet_config: dict = SD15_UNET_CONFIG,
+                    vae_config: dict = SD_VAE_CONFIG, text_config: dict = CLIP_L14_TEXT_CONFIG) -> Pipeline:
     """SD-1.5's architecture with random weights (UNet 860M, VAE 84M, CLIP ViT-L/14 text 123M parameters) and the
-    byte-level tokenizer; nothing is downloaded."""
+    byte-level tokenizer; nothing is downloaded. Other layouts (e.g. bench/sqdf_step.py's narrower ones) through
+    the three configs."""
     generator = torch.Generator().manual_seed(seed)
     tokenizer = byte_level_tokenizer()
-    text_config = CLIPTextConfig(**CLIP_L14_TEXT_CONFIG, bos_token_id=tokenizer.bos_token_id,
+    text_config = CLIPTextConfig(**text_config, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    unet = random_module(lambda: UNet2DConditionModel(**SD15_UNET_CONFIG), generator, dtype)
-    vae = random_module(lambda: AutoencoderKL(**SD_VAE_CONFIG), generator, dtype)
+    unet = random_module(lambda: UNet2DConditionModel(**unet_config), generator, dtype)
+    vae = random_module(lambda: AutoencoderKL(**vae_config), generator, dtype)
     text_encoder = random_module(lambda: CLIPTextModel(text_config), generator, dtype)
     return Pipeline(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG))
