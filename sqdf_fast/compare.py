@@ -43,9 +43,10 @@ import torch
 
 from sqdf_fast import config
 from sqdf_fast.distributed import resolve_device
+from sqdf_fast.files import dumps, write_text_atomic
 from sqdf_fast.info import device_name
 from sqdf_fast.methods import METHODS
-from sqdf_fast.train import EVAL_METRICS as METRICS
+from sqdf_fast.train import QUALITY_METRICS as METRICS
 from sqdf_fast.train import run
 
 # A label -> (method, option overrides). Plain method names need no entry.
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"method": label, "seed": seed, "failed": str(err),
                          "wall_s": round(time.time() - run_start, 1)})
             line = f"FAILED: {err} (log: {log})"
-        results_path.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(results_path, dumps(rows, indent=1)[0])   # each run's result, before the next
         print(f"[{i}/{len(configs)}] {label} seed {seed}: {line} | {rows[-1]['wall_s']:.0f} s", flush=True)
     copy_first_seed_samples(args.out, args.labels)
     table = summarise([r for r in rows if r["method"] in args.labels], args.labels)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,98 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The options a resume may change, with their effect; every other option is refused on resume (the checkpoint's
+# adapter, optimizer state, replay buffer and base evaluation were made under the saved values).
+RESUMABLE = {
+    "steps": "trains to the new total (a run can be extended, or ended earlier than planned)",
+    "lr": "the optimizer's learning rate from the resumed step on; Adam's moment estimates are kept",
+    "log_every": "log rows from the resumed step on", "eval_every": "evaluations from the resumed step on",
+    "checkpoint_every": "checkpoints from the resumed step on", "progress": "the progress bar",
+    "max_nonfinite_steps": "the non-finite guard's limit from the resumed step on",
+    "kernels": "the op backend: the backends agree to rounding, so the run is no longer bit-identical to one "
+               "that kept its backend",
+    "cuda_graphs": "how the rollouts are launched (same maths)",
+}
+
+
+def field_types(f: dataclasses.Field) -> tuple[str, ...]:
+    """The JSON-side types a field accepts: its annotation's parts (the annotations are strings here)."""
+    return tuple(part.strip() for part in str(f.type).split("|"))
+
+
+def check_types(values, fields: dict[str, dataclasses.Field], source: str) -> None:
+    """ValueError naming `source` and the field when `values` is not an object of fields of the right JSON types
+    (an int is a float; a bool is neither)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: expected a JSON object of option names and values, got a JSON "
+                         f"{json_kind(values)}")
+    accepts = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+    for name, value in values.items():
+        if name not in fields:
+            continue   # named as unknown by the caller
+        types = field_types(fields[name])
+        ok = any(isinstance(value, accepts[t]) and not (isinstance(value, bool) and t in ("int", "float"))
+                 for t in types)
+        if not ok:
+            expected = " or ".join("null" if t == "None" else {"str": "a string", "bool": "true or false",
+                                                               "int": "an integer", "float": "a number"}[t]
+                                   for t in types)
+            raise ValueError(f"{source}: {name}={value!r} must be {expected}, got a JSON {json_kind(value)}")
+
+
+def json_kind(value) -> str:
+    for kind, types in (("boolean", bool), ("integer", int), ("number", float), ("string", str),
+                        ("array", (list, tuple)), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return "null" if value is None else type(value).__name__
+
+
+def read_json(path: Path, what: str):
+    """A JSON file's value; ValueError naming `what` and the file when it is unreadable, not UTF-8 or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{what}: cannot read {path} ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: {path} is not UTF-8 text (byte {err.start}): not a JSON config") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: {path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg})") from err
+
+
+def read_saved(run_dir: Path) -> dict:
+    """A run directory's config.json, checked to be an object of options."""
+    what = f"resume={str(run_dir)!r}"
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{what}: no config.json there (not a run directory)")
+    saved = read_json(path, what)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{what}: {path} is not a JSON object of options")
+    return saved
+
+
+def resume_changes(saved: dict, values: dict, allowed: dict, what: str) -> dict[str, list]:
+    """{name: [saved, new]} of the options in `values` that differ from the run's `saved` config.json (`out`, the
+    folder, aside); ValueError naming the first one not in `allowed` and why it cannot change."""
+    changes = {name: [saved[name], value] for name, value in values.items()
+               if name != "out" and name in saved and saved[name] != value}
+    for name, (old, new) in changes.items():
+        if name not in allowed:
+            raise ValueError(f"{what}: --{name.replace('_', '-')} cannot change on resume (the run has {old!r}, "
+                             f"given {new!r}): its checkpoint was made with {old!r}; options that may change: "
+                             f"{', '.join(sorted(allowed))}")
+    return changes
+
+
+def check_out(out: str) -> None:
+    """--out must be a folder (or not exist yet) under a writable parent."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out={out!r}: is a file, not a folder")
+    existing = next(p for p in (path, *path.resolve().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out={out!r}: {existing} is not writable")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -122,13 +216,18 @@ def validate(cfg: TrainConfig) -> None:
     from sqdf_fast import rewards
     from sqdf_fast.distributed import world_size
     from sqdf_fast.tasks import BUILTIN
+    for name, f in FIELDS.items():   # NaN passes every comparison below as False, Inf several as True
+        value = getattr(cfg, name)
+        if "float" in field_types(f) and value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r}: must be a finite number")
     world = world_size()
     per_process = cfg.batch_size // world
     checks = [
         (0 < cfg.gamma <= 1, "gamma", "must lie in (0, 1]"),
         (cfg.alpha >= 0, "alpha", "must be >= 0"),
         (cfg.target_alpha is None or cfg.target_alpha > 0, "target_alpha", "must be > 0 (or unset: alpha)"),
-        (cfg.eta > 0, "eta", "must be > 0 (at eta = 0 the policy is deterministic and the KL divides by zero)"),
+        (0 < cfg.eta <= 1, "eta", "must lie in (0, 1] (at eta = 0 the policy is deterministic and the KL divides "
+                                  "by zero; above 1 the DDIM noise exceeds the step's variance)"),
         (cfg.guidance >= 0, "guidance", "must be >= 0"),
         (cfg.estimator_guidance >= 0, "estimator_guidance", "must be >= 0"),
         (cfg.sample_steps >= 1, "sample_steps", "must be >= 1"),
@@ -192,6 +291,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be one of {', '.join(choices)}")
     if cfg.model is not None and not Path(cfg.model).exists():
         raise ValueError(f"model={cfg.model!r}: no such folder")
+    if cfg.out is not None:
+        check_out(cfg.out)
     rewards.check_weights(cfg.reward, cfg.reward_weights)   # files and shapes, before any network is built
     if cfg.device.startswith("cuda"):
         import torch
@@ -203,6 +304,7 @@ def from_dict(values: dict, source: str) -> TrainConfig:
     """A config from explicit values over the task's own defaults for the method (sqdf_fast.tasks.config_defaults)
     over the dataclass defaults."""
     from sqdf_fast.tasks import config_defaults
+    check_types(values, FIELDS, source)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
@@ -256,15 +358,16 @@ def layered_values(args: dict) -> tuple[dict, str | None, str]:
     config_file, resume = args.pop("config", None), args.pop("resume", None)
     values = {}
     if resume is not None:
-        saved = Path(resume) / "config.json"
-        if not saved.is_file():
-            raise ValueError(f"resume={resume!r}: no config.json there (not a run directory)")
-        values.update(json.loads(saved.read_text()))
+        values.update(read_saved(resume))
+        if "out" in args and Path(args["out"]) != Path(resume):
+            raise ValueError(f"out={args['out']!r}: a resumed run continues in its own folder ({resume}); copy the "
+                             "folder first to branch it")
     if config_file is not None:
-        try:
-            values.update(json.loads(Path(config_file).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"config={config_file!r}: {err}") from err
+        from_file = read_json(config_file, f"config={config_file!r}")
+        if not isinstance(from_file, dict):
+            raise ValueError(f"config={config_file!r}: expected a JSON object of option names and values, got a "
+                             f"JSON {json_kind(from_file)}")
+        values.update(from_file)
     values.update(args)
     if resume is not None:
         values["out"] = str(resume)

@@ -11,7 +11,6 @@ modules) as safetensors metadata, which `load_lora_weights` reads back: an alpha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,11 +45,17 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     from sqdf_fast import checkpoint, config, tasks
     from sqdf_fast.adapters import add_policy_lora, load_adapter_state_dict
 
+    from diffusers import UNet2DConditionModel
+
+    what = f"run_dir={str(run_dir)!r}"
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
-        raise ValueError(f"run_dir={str(run_dir)!r}: no config.json there (not a run directory)")
-    cfg = config.from_dict(json.loads(saved.read_text()), str(saved))
+        raise ValueError(f"{what}: no config.json there (not a run directory)")
+    cfg = config.from_dict(config.read_json(saved, what), str(saved))
     task = tasks.resolve(cfg.task)(cfg)
+    if not isinstance(task.unet, UNet2DConditionModel):
+        raise ValueError(f"{what}: a run of task {cfg.task!r}, whose model is a {type(task.unet).__name__}; export "
+                         "writes the LoRA of a Stable Diffusion UNet (UNet2DConditionModel) in diffusers' format")
     add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     try:
         adapter, _ = checkpoint.load(Path(run_dir), torch.device("cpu"))

@@ -10,6 +10,7 @@ prompt; each prompt's images use seeds seed, seed + 1, ...
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,31 @@ def sample_grid(pipeline, prompts: list[str], per_prompt: int, steps: int, guida
     return torch.cat(images)
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every impossible argument, with one usage error naming it, before anything is loaded."""
+    from sqdf_fast.export import LORA_FILE
+    for name in ("per_prompt", "max_prompts", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        parser.error(f"--guidance {args.guidance}: must be a finite number >= 0")
+    if not 0 <= args.eta <= 1:
+        parser.error(f"--eta {args.eta}: must lie in [0, 1]")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such folder")
+    if args.lora is not None:
+        lora = Path(args.lora)
+        if not (lora.is_file() and lora.suffix == ".safetensors" or (lora / LORA_FILE).is_file()):
+            parser.error(f"--lora {args.lora}: not a LoRA (a .safetensors file, or a folder holding {LORA_FILE}, "
+                         "as export writes)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device}: must be auto, cpu, cuda or cuda:N")
+
+
 def main(argv: list[str] | None = None) -> None:
     from sqdf_fast.tasks.sd import load_prompts
     parser = argparse.ArgumentParser(prog="python -m sqdf_fast.sample", description=__doc__.split("\n\n")[0])
@@ -65,19 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
     args = parser.parse_args(argv)
-    for name in ("per_prompt", "max_prompts", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    check_args(parser, args)
     try:
         if ";" in args.prompts:
             prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
         else:
             prompts = load_prompts(args.prompts)[1]   # the evaluation prompts of the list
+        if not prompts:
+            raise ValueError(f"prompts={args.prompts!r}: no prompt in it")
         prompts = prompts[:args.max_prompts]
         pipeline = load_pipeline(args.model, resolve_device(args.device))
         if args.lora is not None:
-            if not Path(args.lora).exists():
-                raise ValueError(f"lora={args.lora!r}: no such file or folder")
             pipeline.load_lora_weights(args.lora)
     except ValueError as err:
         sys.exit(f"error: {err}")

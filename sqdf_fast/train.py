@@ -18,6 +18,7 @@ step; metrics are averaged or gathered; only rank 0 prints and writes the run di
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import checkpoint, config, methods, ops, tasks
+from sqdf_fast import checkpoint, config, files, methods, ops, tasks
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
 from sqdf_fast.distributed import Context, launch, resolve_device, tensors_digest, to_device
 from sqdf_fast.export import save_diffusers_lora
@@ -44,9 +45,11 @@ from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
 
 EVAL_SEED_OFFSET = 99_991       # evaluation noise comes from its own generator: same seeds for base and final
-EVAL_METRICS = ("reward", "diversity", "fd", "path_kl")   # plus the task's target metrics where it knows them
+QUALITY_METRICS = ("reward", "diversity", "fd", "path_kl")   # plus the task's target metrics where it knows them
+# nonfinite_samples: evaluation samples whose reward is NaN or Inf (left out of the reward's mean)
+EVAL_METRICS = QUALITY_METRICS + ("nonfinite_samples",)
 SUMMARY_KEYS = ("reward_base", "reward_final", "diversity_base", "diversity_final", "fd_base", "fd_final",
-                "path_kl_final", "steps", "wall_s")
+                "path_kl_final", "nonfinite_samples_base", "nonfinite_samples_final", "steps", "wall_s")
 # what a run directory holds: a new run refuses a folder with any of them (overwriting one could lose the run)
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint", "checkpoint.prev", "checkpoint.tmp")
 CURVES = ("reward", "reward_q", "kl_term", "diversity", "loss", "eval_reward", "eval_diversity", "eval_fd",
@@ -140,10 +143,16 @@ def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, base: bool =
         reference = task.real_features(cond)
     else:
         reference = base_features if base_features is not None else by_class
-    metrics = {"reward": float(reward.mean()),
+    finite = torch.isfinite(reward)
+    metrics = {"reward": float(reward[finite].mean()),   # NaN (null in the files) when no reward is finite
                "diversity": per_class_diversity(features, cond),
                "fd": per_class_fd(features, cond, reference),
-               "path_kl": 0.0 if base else float(ctx.gather_rows(path_kl).mean())}
+               "path_kl": 0.0 if base else float(ctx.gather_rows(path_kl).mean()),
+               "nonfinite_samples": int((~finite).sum())}
+    if metrics["nonfinite_samples"] and ctx.is_main:
+        tqdm.write(f"warning: {metrics['nonfinite_samples']} of {reward.shape[0]} evaluation samples"
+                   f"{' of the base model' if base else ''} have a non-finite reward: the reported reward is the "
+                   "mean of the others", file=sys.stderr)
     if task.target_metrics is not None:
         metrics.update(task.target_metrics(images, cond))
     return metrics, images, by_class
@@ -154,12 +163,20 @@ def eval_row(step: int, metrics: dict) -> dict:
 
 
 def save_samples(task: tasks.Task, images: Tensor, cfg: config.TrainConfig, path: Path) -> None:
-    """The task's own plot of evaluation samples, or the first 8 of each condition, one row per condition."""
+    """The task's own plot of evaluation samples, or the first 8 of each condition, one row per condition; samples
+    that are not images (not (C, H, W) with 1 or 3 channels) and have no plot of their own are not drawn."""
     if task.plot_samples is not None:
         cond = task.eval_conditions(cfg.eval_per_class).to(images.device)
         task.plot_samples(images, cond, cfg.eval_per_class, path)
         return
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        tqdm.write(f"note: no {path.name}: task {task.name!r} has samples of shape {tuple(images.shape[1:])}, not "
+                   "images, and no plot_samples of its own")
+        return
     per_class = cfg.eval_per_class
+    if images.shape[0] % per_class:   # a task whose evaluation conditions are not per_class of each class
+        save_grid(images[:64], path, nrow=8)
+        return
     save_grid(images.view(-1, per_class, *images.shape[1:])[:, :8].flatten(0, 1), path, nrow=8)
 
 
@@ -199,30 +216,61 @@ class Run:
     def write_row(self, row: dict) -> None:
         self.rows.append(row)
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(row) + "\n")
+            line, replaced = files.dumps(row)
+            if replaced:
+                tqdm.write(f"warning: metrics.jsonl, step {row['step']}: {', '.join(replaced)} not finite, written "
+                           "as null", file=sys.stderr)
+            self.metrics_file.write(line + "\n")
             self.metrics_file.flush()
 
 
-def read_run(out: Path, resume: str | None, world: int) -> tuple[dict, dict, list[dict]] | None:
+def metrics_lines(rows: list[dict]) -> list[str]:
+    """metrics.jsonl's lines for `rows`, as `Run.write_row` writes them."""
+    return [files.dumps(row)[0] + "\n" for row in rows]
+
+
+def lines_digest(lines: list[str]) -> str:
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
+             world: int) -> tuple[dict, dict, list[dict], dict] | None:
     """Rank 0's checks and reads before any work: None for a new run (refusing to overwrite one), else the
-    checkpoint's (adapter, state) and the metrics rows up to its step."""
+    checkpoint's (adapter, state), the metrics rows it was written after (checked against its digest) and the
+    options this resume changes ({name: [saved, new]}; config.RESUMABLE)."""
     if resume is None:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found:   # e.g. only checkpoint.prev/ after a kill during the swap: the run's only checkpoint
             raise ValueError(f"out={str(out)!r} already holds a run ({', '.join(found)}): pass --resume {out} or "
                              "choose another --out")
         return None
+    changes = config.resume_changes(config.read_saved(out), dataclasses.asdict(cfg), config.RESUMABLE,
+                                    f"resume={str(out)!r}")
     adapter, state = checkpoint.load(out)
     if state["world_size"] != world:
         raise ValueError(f"resume={str(out)!r}: the checkpoint was written by {state['world_size']} process(es) and "
                          f"this run has {world} (WORLD_SIZE): resume with {state['world_size']}, e.g. torchrun "
                          f"--nproc_per_node {state['world_size']}, since each process's RNG and buffer shard are "
                          "restored")
-    metrics = out / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ValueError(f"resume={str(out)!r}: no metrics.jsonl there")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return adapter, state, [row for row in rows if row["step"] <= state["step"]]   # drop what came after it
+    return adapter, state, read_metrics(out, state), changes
+
+
+def read_metrics(out: Path, state: dict) -> list[dict]:
+    """The metrics rows written before the checkpoint `state` (those after it are dropped): exactly as many as it
+    counted, matching its digest; ValueError when metrics.jsonl lost or changed any of them."""
+    path, count, what = out / "metrics.jsonl", state["metrics_rows"], f"resume={str(out)!r}"
+    if not path.is_file():
+        raise ValueError(f"{what}: no metrics.jsonl there (the checkpoint at step {state['step']} follows {count} "
+                         "rows of it)")
+    lines = path.read_text().splitlines(keepends=True)[:count]
+    if len(lines) < count or not lines[-1].endswith("\n"):
+        raise ValueError(f"{what}: metrics.jsonl is truncated: it holds {len(lines)} complete row(s), the checkpoint "
+                         f"at step {state['step']} was written after {count}; the run's history is incomplete, so "
+                         "it is not resumed (restore metrics.jsonl from a copy)")
+    if lines_digest(lines) != state["metrics_digest"]:
+        raise ValueError(f"{what}: the first {count} rows of metrics.jsonl differ from those the checkpoint at step "
+                         f"{state['step']} was written after (the file changed since)")
+    return files.read_jsonl(path, what)[:count]
 
 
 def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) -> Run:
@@ -232,9 +280,12 @@ def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) 
     device = ctx.device
     kernels, why = ops.backend_for(device)   # an impossible --kernels fails here, before any work
     # rank 0's name: the default one holds the time, which the ranks could read a second apart
-    out = Path(ctx.broadcast(cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-"
-                                        f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    saved = ctx.on_main(lambda: read_run(out, resume, ctx.world))
+    if resume is not None and cfg.out is not None and Path(cfg.out) != Path(resume):
+        raise ValueError(f"out={cfg.out!r}: a resumed run continues in its own folder ({resume}); copy the folder "
+                         "first to branch it")
+    out = Path(ctx.broadcast(resume or cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-"
+                                                  f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    saved = ctx.on_main(lambda: read_run(cfg, out, resume, ctx.world))
     task = tasks.build(cfg, device)
     schedule = DDIMSchedule.build(task.scheduler_config, cfg.sample_steps, device)
     params = add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
@@ -247,8 +298,11 @@ def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) 
     else:
         evaluate_base(run)
     if ctx.is_main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run.rows))
+        files.write_text_atomic(out / "metrics.jsonl", "".join(metrics_lines(run.rows)))
         run.metrics_file = open(out / "metrics.jsonl", "a")
+        if resume is not None and saved[3]:   # what this resume changed, in the run's own record
+            files.write_text_atomic(out / "config.json", config_text(cfg))
+            run.write_row({"step": run.step, "resumed_with": saved[3]})
         print_start(run, f"{kernels} ({why})")
     return run
 
@@ -257,12 +311,14 @@ def restore(run: Run, saved: tuple | None) -> None:
     """The checkpoint's adapter, optimizer, guard and step, and this rank's own RNG, method state (replay buffer
     shard, last samples) and log window. One checkpoint holds the shared state once and each rank's own apart."""
     ctx, main = run.ctx, run.ctx.is_main
-    adapter, state, rows = saved if main else (None, None, [])
+    adapter, state, rows, changes = saved if main else (None, None, [], {})
     own = ctx.scatter(state["ranks"] if main else None)
     adapter, state = ctx.broadcast((adapter, {k: v for k, v in state.items() if k != "ranks"} if main else None))
     adapter, state, own = to_device((adapter, state, own), ctx.device)
     load_adapter_state_dict(run.task.unet, adapter)
     run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:   # a resume's --lr applies from here on (Adam's moments are kept)
+        group["lr"] = run.cfg.lr
     run.generator.set_state(own["generator"].cpu())
     run.method.load_state_dict(own["method"])
     run.guard.load_state_dict(state["guard"])
@@ -270,7 +326,8 @@ def restore(run: Run, saved: tuple | None) -> None:
     run.base_features, run.extra = state["base_features"], state.get("extra", {})
     run.window, run.rows = own["window"], rows
     if main:
-        print(f"resumed {run.out} at step {run.step}")
+        changed = "".join(f" | {name} {old} -> {new}" for name, (old, new) in changes.items())
+        print(f"resumed {run.out} at step {run.step}{changed}")
 
 
 def evaluate_base(run: Run) -> None:
@@ -278,13 +335,17 @@ def evaluate_base(run: Run) -> None:
     cfg, task, main = run.cfg, run.task, run.ctx.is_main
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        files.write_text_atomic(run.out / "config.json", config_text(cfg))
     run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, base=True)
     # fd is against real data where the task has it; only a task without it measures drift from the base
     run.base_features = None if task.real_features is not None else base_features
     if main:
         save_samples(task, base_images, cfg, run.out / "samples_base.png")
     run.rows = [eval_row(0, run.base)]
+
+
+def config_text(cfg: config.TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=1, allow_nan=False)   # config.validate: every float finite
 
 
 def print_start(run: Run, kernels: str) -> None:
@@ -353,7 +414,9 @@ def save_checkpoint(run: Run) -> None:
                            "training lost sync; stopped, the last checkpoint is kept")
     ranks = ctx.gather(own)
     if ctx.is_main:
+        lines = metrics_lines(run.rows)   # what metrics.jsonl holds now: a resume checks it still does
         state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "base_metrics": run.base,
+                 "metrics_rows": len(lines), "metrics_digest": lines_digest(lines),
                  "guard": run.guard.state_dict(), "base_features": run.base_features, "wall_s": run.wall_s,
                  "world_size": ctx.world, "ranks": ranks, "extra": run.extra}
         checkpoint.save(run.out, adapter, state)
@@ -389,14 +452,19 @@ def finish(run: Run) -> dict:
     summary = {"reward_base": base["reward"], "reward_final": final["reward"],
                "diversity_base": base["diversity"], "diversity_final": final["diversity"],
                "fd_base": base["fd"], "fd_final": final["fd"], "path_kl_final": final["path_kl"],
-               "steps": run.step, "wall_s": round(run.wall_s, 1)}
+               "nonfinite_samples_base": base["nonfinite_samples"],
+               "nonfinite_samples_final": final["nonfinite_samples"], "steps": run.step,
+               "wall_s": round(run.wall_s, 1)}
     for name in final.keys() - set(EVAL_METRICS):   # the task's target metrics
         summary.update({f"{name}_base": base.get(name), f"{name}_final": final[name]})
     if main:
         run.metrics_file.close()
         save_samples(run.task, final_images, cfg, run.out / "samples_final.png")
         save_curves(run.rows, run.out / "curves.png", CURVES)
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        text, replaced = files.dumps(summary, indent=1)
+        if replaced:
+            tqdm.write(f"warning: summary.json: {', '.join(replaced)} not finite, written as null", file=sys.stderr)
+        files.write_text_atomic(run.out / "summary.json", text)
         if isinstance(run.task.unet, UNet2DConditionModel):   # a diffusers pipeline's UNet: its users' LoRA format
             save_diffusers_lora(run.task.unet, run.out / "lora")
         print_table(base, final, summary["wall_s"], run.out)

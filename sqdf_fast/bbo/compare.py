@@ -33,6 +33,7 @@ from sqdf_fast import config
 from sqdf_fast.bbo import loop
 from sqdf_fast.compare import check_common, mean_std, parse_label, start_comparison
 from sqdf_fast.distributed import resolve_device
+from sqdf_fast.files import dumps, write_text_atomic
 from sqdf_fast.info import device_name
 
 VARIANTS = {
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except (ValueError, RuntimeError) as err:   # a diverged run is a result too
             rows.append({"method": label, "seed": seed, "failed": str(err), "wall_s": round(time.time() - start, 1)})
             line = f"FAILED: {err}"
-        loop.write_text_atomic(results, json.dumps(rows, indent=1))
+        write_text_atomic(results, dumps(rows, indent=1)[0])
         print(f"[{i}/{len(configs)}] {label} seed {seed}: {line} | {time.time() - start:.0f} s", flush=True)
     machine = device_name(resolve_device(next(iter(configs.values()))[0].device))
     write_report(args.out / "report.md", rows, args.labels, command, args.task, machine)

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from sqdf_fast.bbo.proxy import (
 )
 from sqdf_fast.config import TrainConfig, option
 from sqdf_fast.distributed import launch
+from sqdf_fast.files import dumps, write_atomic, write_text_atomic
 from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.rollout import rollout
 from sqdf_fast.train import EVAL_METRICS, Run, build_run, evaluate, save_checkpoint, save_samples, train_until
@@ -99,6 +99,8 @@ class BBOConfig:
 
 
 BBO_FIELDS = {f.name: f for f in dataclasses.fields(BBOConfig)}
+# every black-box option shapes the queries asked and the proxy fitted so far: none may change on resume
+BBO_RESUMABLE: dict[str, str] = {}
 # a budget that fits each built-in task (over BBOConfig's defaults, under explicit options)
 TASK_DEFAULTS = {
     "gmm2d": {"queries": "64", "steps_per_round": 60, "oracle_batch": 64},
@@ -181,9 +183,11 @@ def configs_from(values: dict, source: str) -> tuple[TrainConfig, BBOConfig]:
     unknown = sorted(set(values) - set(config.FIELDS) - set(BBO_FIELDS))
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    if isinstance(values.get("queries"), int) and not isinstance(values["queries"], bool):
+        values = {**values, "queries": str(values["queries"])}   # a single number given as a JSON number
+    config.check_types(values, BBO_FIELDS, source)
     bbo = BBOConfig(**{**TASK_DEFAULTS.get(values.get("task", "digits"), {}),
                        **{k: v for k, v in values.items() if k in BBO_FIELDS}})
-    bbo.queries = str(bbo.queries)   # a single number given as a JSON number
     train_values = {k: v for k, v in values.items() if k in config.FIELDS}
     train_values["steps"] = bbo.rounds * bbo.steps_per_round
     return config.from_dict(train_values, source), bbo
@@ -205,20 +209,6 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, BBOConfig, str | 
     except ValueError as err:
         sys.exit(f"error: {err}")
     return train, bbo, resume
-
-
-# ---- files written atomically -----------------------------------------------------------------------------------
-def write_atomic(path: Path, write) -> None:
-    """`write(tmp)` then rename over `path`: a reader (or a resume after a kill) sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda p: p.write_text(text))
 
 
 def stream_seed(seed: int, *parts) -> int:
@@ -453,7 +443,7 @@ class BlackBox:
         self.rows.append(row)
         self.done = round_
         if run.ctx.is_main:
-            write_text_atomic(run.out / ROUNDS, "".join(json.dumps(r) + "\n" for r in self.rows))
+            write_text_atomic(run.out / ROUNDS, "".join(dumps(r)[0] + "\n" for r in self.rows))
             save_samples(self.task, images, run.cfg, run.out / f"samples_round{round_}.png")
             plot_oracle_curve(self.rows, run.out / "oracle_curve.png", f"{run.task.name}: {self.oracle.name}")
             tqdm.write(round_line(row, sum(times.values())))
@@ -472,7 +462,7 @@ class BlackBox:
         summary.update({f"{k}_final": last[k] for k in self.target_metrics})   # where the task knows p*
         if self.run.ctx.is_main:
             self.run.metrics_file.close()
-            write_text_atomic(self.run.out / "summary.json", json.dumps(summary, indent=1))
+            write_text_atomic(self.run.out / "summary.json", dumps(summary, indent=1)[0])
             print(f"oracle reward {summary['oracle_reward_base']:.4g} (base) -> {summary['oracle_reward_final']:.4g} "
                   f"after {summary['queries']} queries | diversity {summary['diversity_base']:.4g} -> "
                   f"{summary['diversity_final']:.4g} | fd {summary['fd_base']:.4g} -> {summary['fd_final']:.4g} | "
@@ -519,6 +509,9 @@ def plot_oracle_curve(rows: list[dict], path: Path, title: str) -> None:
 def optimise(train: TrainConfig, cfg: BBOConfig, resume: str | None = None) -> dict:
     """One black-box run in this process (new, or resumed from `resume`); returns its summary."""
     validate(cfg, train)
+    if resume is not None:   # the loop's own options, as config.RESUMABLE does the trainer's (build_run)
+        config.resume_changes(config.read_saved(resume), dataclasses.asdict(cfg), BBO_RESUMABLE,
+                              f"resume={resume!r}")
     if train.out is None:
         train = dataclasses.replace(train, out=f"runs/bbo-{train.task.replace(':', '-')}-{train.method}-"
                                                f"{time.strftime('%Y%m%d-%H%M%S')}")

@@ -99,16 +99,52 @@ def resolve(name: str) -> Callable:
     return load_callable(target, "task")
 
 
+class CheckedReward:
+    """A user's reward (`--reward module:function`, or a user task's own), its output checked at every call: a
+    float tensor of shape (B,), carrying a gradient to the images whenever they carry one. Reads only metadata, so
+    it costs no host sync; a reward that breaks the contract fails at its first call with a line naming it."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, images: Tensor, cond: Tensor) -> Tensor:
+        value = self.fn(images, cond)
+        expected = f"a float tensor of shape ({images.shape[0]},), one reward per image"
+        if not isinstance(value, Tensor):
+            raise ValueError(f"reward {self.name}: returned a {type(value).__name__}; expected {expected}")
+        if tuple(value.shape) != (images.shape[0],) or not value.is_floating_point():
+            raise ValueError(f"reward {self.name}: returned a {value.dtype} tensor of shape {tuple(value.shape)}; "
+                             f"expected {expected}")
+        if torch.is_grad_enabled() and images.requires_grad and not value.requires_grad:
+            raise ValueError(f"reward {self.name}: its value carries no gradient to the images (detached, or computed "
+                             "through .item(), numpy or another step without one), so fine-tuning would learn nothing "
+                             "from it")
+        return value
+
+
 def build(cfg, device: torch.device) -> Task:
     """The complete task of cfg.task on `device`: the factory's task, checked to provide what the metrics need, with
     cfg.reward (with cfg.reward_weights) in place of its own reward unless that names the task's own (unset or
-    "task"); a reward network moves to the device with the task's other frozen networks."""
+    "task"); a reward network moves to the device with the task's other frozen networks. A user's own reward (or a
+    user task's own) is checked at each call (`CheckedReward`)."""
     task = resolve(cfg.task)(cfg)
+    if not isinstance(task, Task):
+        raise ValueError(f"task={cfg.task!r}: the factory returned a {type(task).__name__}, not a "
+                         "sqdf_fast.tasks.Task")
     missing = [name for name in ("features", "eval_conditions") if getattr(task, name) is None]
     if missing:
         raise ValueError(f"task={cfg.task!r} provides no {', '.join(missing)}: the metrics need them")
     reward = build_reward(cfg.reward, weights=cfg.reward_weights, prompts=task.prompts, task_reward=task.reward,
                           device=device)
-    if reward is not task.reward:
+    own = reward is task.reward
+    source = ("task", cfg.task) if own else ("reward", cfg.reward)
+    if not callable(reward):
+        raise ValueError(f"{source[0]}={source[1]!r}: the reward is a {type(reward).__name__}, not a callable "
+                         "(images, cond) -> (B,)")
+    if not own:
         task.replace_reward(reward)
+    user = source[1] if ":" in source[1] else None   # module:function: the user's own code
+    if user is not None:
+        raw = task.reward.fn if isinstance(task.reward, Checkpointed) else task.reward
+        task.replace_reward(CheckedReward(raw, repr(user)))
     return task.to(device)
