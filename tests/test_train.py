@@ -31,7 +31,10 @@ def finished(tmp_path_factory) -> tuple[config.TrainConfig, dict]:
 def test_run_directory_contract(finished):
     cfg, summary = finished
     out = Path(cfg.out)
-    assert tuple(json.loads((out / "summary.json").read_text())) == SUMMARY_KEYS
+    keys = tuple(json.loads((out / "summary.json").read_text()))
+    assert keys[:len(SUMMARY_KEYS)] == SUMMARY_KEYS   # then the digits task's target metrics (tasks/digits.py)
+    assert set(keys[len(SUMMARY_KEYS):]) == {f"{name}_{when}" for when in ("base", "final") for name in
+                                             ("fd_to_target", "dist_to_target", "target_ess", "target_reward")}
     assert summary["steps"] == 4
     assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -44,6 +44,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
+from sqdf_fast.metrics import energy_distance
 from sqdf_fast.tasks import Task
 
 NUM_MODES, RING_RADIUS, MODE_STD = 8, 3.0, 0.4
@@ -253,11 +254,6 @@ def importance_target(base: Mixture, reward: Callable, alpha: float,
     picks = torch.multinomial(weights, TARGET_SAMPLES, replacement=True, generator=generator)
     log_z = float(torch.logsumexp(log_weights, 0) - math.log(n))
     return Target(proposals[picks], mode_weights, float((weights * rewards).sum()), log_z), ess
-
-
-def energy_distance(x: Tensor, y: Tensor) -> float:
-    """2 E|X - Y| - E|X - X'| - E|Y - Y'| with unbiased within-set means (pdist leaves out i = j)."""
-    return float(2 * torch.cdist(x, y).mean() - torch.pdist(x).mean() - torch.pdist(y).mean())
 
 
 def target_metrics(samples: Tensor, target: Target, base: Mixture) -> dict[str, float]:
