@@ -37,6 +37,7 @@ Names for `build_reward` (`--reward`, with `--reward-weights PATH`; `sqdf_fast.t
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Callable
@@ -49,9 +50,10 @@ Reward = Callable[[Tensor, Tensor], Tensor]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BUILTIN_REWARDS = ("task", "digits", "aesthetic", "clip-score")
-NEEDS_WEIGHTS = ("aesthetic", "clip-score")
+BUILTIN_REWARDS = ("task", "digits", "aesthetic", "clip-score", "pickscore", "hps")
+NEEDS_WEIGHTS = ("aesthetic", "clip-score", "pickscore", "hps")
 CLIP_SUBFOLDER = "clip"
+TOKENIZER_SUBFOLDER = "tokenizer"
 HEAD_FILES = ("aesthetic_head.safetensors", "aesthetic_head.pth", "sac+logos+ava1-l14-linearMSE.pth")
 # The LAION head: Linear(in, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16),
 # Linear(16, 1); no nonlinearities. Indices of the Linear layers in that nn.Sequential, with their output sizes.
@@ -61,21 +63,34 @@ TEXT_BATCH = 64   # prompts encoded per text-model call at build time
 RANGE_FLOOR = -0.5
 
 
-def clip_preprocess(images: Tensor, size: int = 224) -> Tensor:
-    """CLIP's input from images in [0, 1]: bilinear resize (antialiased) of the shorter side to `size`, center crop
-    to size x size, then (x - mean) / std with CLIP's mean and std. Differentiable; an image already size x size
-    is only normalised. Reads no tensor value (no host sync): the [0, 1] range is the caller's contract."""
+def clip_preprocess(images: Tensor, size: int = 224, fit: str = "crop") -> Tensor:
+    """CLIP's input from images in [0, 1], then (x - mean) / std with CLIP's mean and std. `fit` says how an image
+    becomes size x size: "crop" (CLIPImageProcessor, torchvision's Resize + CenterCrop): bilinear resize
+    (antialiased) of the shorter side to `size`, centre crop; "pad" (HPSv2's evaluation transform): resize of the
+    longer side to `size`, the rest padded with black (0, before the normalisation), the image centred.
+    Differentiable; an image already size x size is only normalised. Reads no tensor value (no host sync): the
+    [0, 1] range is the caller's contract."""
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images: expected float (B, 3, H, W) in [0, 1], got {tuple(images.shape)} {images.dtype}")
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit={fit!r}: must be crop or pad")
     height, width = images.shape[-2:]
     if (height, width) != (size, size):
-        short, long = min(height, width), max(height, width)
-        scaled = (size, int(size * long / short))    # torchvision's and CLIPImageProcessor's rounding
-        new_hw = scaled if height <= width else scaled[::-1]
+        if fit == "crop":
+            short, long = min(height, width), max(height, width)
+            scaled = (size, int(size * long / short))    # torchvision's and CLIPImageProcessor's rounding
+            new_hw = scaled if height <= width else scaled[::-1]
+        else:
+            scale = size / max(height, width)
+            new_hw = (round(height * scale), round(width * scale))
         if (height, width) != new_hw:
             images = F.interpolate(images, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
-        top, left = round((new_hw[0] - size) / 2), round((new_hw[1] - size) / 2)
-        images = images[..., top:top + size, left:left + size]
+        if fit == "crop":
+            top, left = round((new_hw[0] - size) / 2), round((new_hw[1] - size) / 2)
+            images = images[..., top:top + size, left:left + size]
+        else:
+            pad_h, pad_w = size - new_hw[0], size - new_hw[1]
+            images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return (images - mean) / std
@@ -157,21 +172,60 @@ class AestheticReward(FrozenReward):
 
 
 class ClipScoreReward(FrozenReward):
-    """scale x cos(CLIP image embedding, CLIP text embedding of prompt cond); text embeddings precomputed."""
+    """scale x cos(image embedding of clip_preprocess(images), text embedding of prompt cond), the text embeddings
+    precomputed: clip-score (scale 100), pickscore (the model's exp(logit_scale)) and, through `HpsReward`, hps.
+    `vision` is a transformers CLIPVisionModelWithProjection; subclasses with another vision tower override
+    `image_embeds`."""
+    fit = "crop"
 
-    def __init__(self, vision: nn.Module, text_embeds: Tensor, scale: float = 100.0):
+    def __init__(self, vision: nn.Module, text_embeds: Tensor, scale: float = 100.0, name: str = "clip-score",
+                 size: int | None = None):
         super().__init__()
-        self.vision, self.scale = vision, scale
-        self.size = vision.config.image_size
+        self.vision, self.scale, self.name = vision, float(scale), name
+        self.size = vision.config.image_size if size is None else size
         self.register_buffer("text_embeds", normalized(text_embeds.to(self.dtype)), persistent=False)
         self.freeze()
 
+    def image_embeds(self, pixels: Tensor) -> Tensor:
+        return self.vision(pixel_values=pixels).image_embeds
+
     def score(self, images: Tensor, cond: Tensor) -> Tensor:
         if cond.is_floating_point() or cond.dim() != 1:
-            raise ValueError(f"cond: clip-score needs (B,) integer prompt indices, got {tuple(cond.shape)} "
+            raise ValueError(f"cond: {self.name} needs (B,) integer prompt indices, got {tuple(cond.shape)} "
                              f"{cond.dtype}")
-        embeds = normalized(self.vision(pixel_values=clip_preprocess(images.to(self.dtype), self.size)).image_embeds)
+        embeds = normalized(self.image_embeds(clip_preprocess(images.to(self.dtype), self.size, self.fit)))
         return at_least_float32(self.scale * (embeds * self.text_embeds[cond]).sum(-1))
+
+
+class RewardSum(nn.Module):
+    """`--reward NAME=W,NAME=W,...`: sum_k W_k r_k(images, cond). Each term is built once; the unweighted values of
+    each term at the last call are kept (`last_terms`, detached) so the trainer's evaluation logs them one by one
+    (`reward_terms`). Reward networks among the terms are submodules: they move and cast with the sum."""
+
+    def __init__(self, terms: list[tuple[str, float, Reward]]):
+        super().__init__()
+        self.names = [name for name, _, _ in terms]
+        self.weights = [weight for _, weight, _ in terms]
+        self.rewards = [fn for _, _, fn in terms]
+        self.networks = nn.ModuleList([fn for fn in self.rewards if isinstance(fn, nn.Module)])
+        self.last_terms: dict[str, Tensor] = {}
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "RewardSum":
+        return super().train(False)   # a reward never trains
+
+    def forward(self, images: Tensor, cond: Tensor) -> Tensor:
+        values = [fn(images, cond) for fn in self.rewards]
+        self.last_terms = {name: value.detach() for name, value in zip(self.names, values)}
+        return sum(weight * value for weight, value in zip(self.weights, values))
+
+
+def reward_terms(reward: Reward) -> dict[str, Tensor]:
+    """The per-term values (B,) of a `RewardSum`'s last call, through the wrappers a task puts around its reward
+    (objects holding it as `fn`, e.g. sqdf_fast.memory.Checkpointed); {} for any other reward."""
+    while reward is not None and not isinstance(reward, RewardSum):
+        reward = getattr(reward, "fn", None)
+    return {} if reward is None else dict(reward.last_terms)
 
 
 # --- weights: folder layout, checks (cheap, for config.validate) and loading ---
@@ -212,18 +266,29 @@ def head_file(weights: str | Path) -> Path:
     raise ValueError(f"reward_weights={str(weights)!r}: no aesthetic head file there (one of {', '.join(HEAD_FILES)})")
 
 
-def load_head_state(path: Path) -> dict[str, Tensor]:
-    """The head's state dict from a .safetensors file or a .pth state dict (loaded with weights_only=True)."""
+def load_state_file(path: Path, what: str = "reward_weights") -> dict[str, Tensor]:
+    """A state dict from a .safetensors file or a torch.save file (weights_only=True; memory-mapped where the format
+    allows, so reading keys and shapes costs little). A training checkpoint's {"state_dict": ...} is unwrapped and
+    DistributedDataParallel's "module." key prefix dropped."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)   # the legacy (pre-zip) format
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:   # e.g. a whole pickled model, not weights
-        raise ValueError(f"reward_weights: cannot read {path} as a state dict (torch.load, weights_only=True): "
+        raise ValueError(f"{what}: cannot read {path} as a state dict (torch.load, weights_only=True): "
                          f"{err}") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"reward_weights: {path} holds a {type(state).__name__}, not a state dict")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path} holds a {type(state).__name__} that is not a state dict (names to tensors)")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
     return state
 
 
@@ -252,27 +317,121 @@ def check_projection(projection_dim: int, in_features: int, folder: Path, path: 
                          f"the aesthetic head {path} takes {in_features}-d input (layers.0.weight)")
 
 
+def tokenizer_folder(folder: Path, weights: str | Path) -> Path:
+    """The CLIP tokenizer's folder: the CLIP folder itself, or WEIGHTS/tokenizer (PickScore's published model folder
+    has no tokenizer; its authors take laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)."""
+    for candidate in (folder, Path(weights) / TOKENIZER_SUBFOLDER):
+        if any((candidate / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            return candidate
+    raise ValueError(f"reward_weights={str(weights)!r}: no CLIP tokenizer in {folder} or "
+                     f"{Path(weights) / TOKENIZER_SUBFOLDER} (tokenizer.json or vocab.json + merges.txt)")
+
+
+def read_weight(folder: Path, key: str) -> Tensor:
+    """One tensor of a transformers model folder's weights (model.safetensors or pytorch_model.bin, whole or sharded
+    with its index), read without loading the model."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path, index = folder / name, folder / f"{name}.index.json"
+        if not path.is_file() and index.is_file():
+            shard = json.loads(index.read_text()).get("weight_map", {}).get(key)
+            if shard is None:
+                raise ValueError(f"reward_weights: {index} lists no {key!r}")
+            path = folder / shard
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as file:
+                if key in file.keys():
+                    return file.get_tensor(key)
+        else:
+            state = load_state_file(path)
+            if key in state:
+                return state[key]
+        raise ValueError(f"reward_weights: {path} has no {key!r}")
+    raise ValueError(f"reward_weights: no weights in {folder} (model.safetensors or pytorch_model.bin, or their "
+                     ".index.json)")
+
+
+def parse_sum(spec: str | None) -> list[tuple[str, float]] | None:
+    """The (name, weight) terms of a weighted sum `NAME=W,NAME=W,...` (names built in or module:function), each
+    name once; None when `spec` is a single reward."""
+    if spec is None or "=" not in spec:
+        return None
+    terms: list[tuple[str, float]] = []
+    for part in spec.split(","):
+        name, equals, weight = (x.strip() for x in part.partition("="))
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not equals or not name or not math.isfinite(value):
+            raise ValueError(f"reward={spec!r}: a weighted sum is NAME=WEIGHT,NAME=WEIGHT,... with finite weights "
+                             f"(e.g. aesthetic=1,hps=0.5); {part.strip()!r} is not NAME=WEIGHT")
+        if name not in BUILTIN_REWARDS and ":" not in name:
+            raise ValueError(f"reward={spec!r}: unknown reward {name!r} in the sum; built-in: "
+                             f"{', '.join(BUILTIN_REWARDS)}, or module:function")
+        if name in (n for n, _ in terms):
+            raise ValueError(f"reward={spec!r}: {name!r} is named twice")
+        terms.append((name, value))
+    return terms
+
+
+def term_weights(spec: str, names: list[str], weights: str | None) -> dict[str, str | None]:
+    """Each term's weights from a sum's `reward_weights`: NAME=PATH,NAME=PATH,... (a name of the sum each; the
+    terms not named get none)."""
+    paths: dict[str, str | None] = dict.fromkeys(names)
+    if weights is None:
+        return paths
+    for part in weights.split(","):
+        name, equals, path = (x.strip() for x in part.partition("="))
+        if not equals or name not in names or not path:
+            raise ValueError(f"reward_weights={weights!r}: the weighted sum reward={spec!r} takes each term's weights "
+                             f"as NAME=PATH,NAME=PATH,... with NAME one of {', '.join(names)}; {part.strip()!r} is "
+                             "not")
+        if paths[name] is not None:
+            raise ValueError(f"reward_weights={weights!r}: {name!r} is named twice")
+        paths[name] = path
+    return paths
+
+
 def check_weights(spec: str | None, weights: str | Path | None) -> None:
-    """Everything about `reward_weights` that can fail, checked without loading a network: for config.validate."""
+    """Everything about `reward_weights` that can fail, checked without building a network: for config.validate.
+    For a weighted sum, each term with its weights."""
+    terms = parse_sum(spec)
+    if terms is not None:
+        paths = term_weights(spec, [name for name, _ in terms], None if weights is None else str(weights))
+        for name, path in paths.items():
+            if path is not None and (name == "task" or ":" in name):
+                raise ValueError(f"reward_weights: the term {name!r} of reward={spec!r} takes no weights")
+            if path is None and name in NEEDS_WEIGHTS:
+                raise ValueError(f"reward_weights: the term {name!r} of reward={spec!r} needs weights "
+                                 f"(reward_weights {name}=PATH, with the others' NAME=PATH, comma-separated)")
+            check_weights(name, path)
+        return
     if spec in NEEDS_WEIGHTS and weights is None:
-        raise ValueError(f"reward_weights=None: reward {spec!r} needs a weights folder (docs/rewards.md)")
+        what = "a checkpoint file or folder" if spec == "hps" else "a weights folder"
+        raise ValueError(f"reward_weights=None: reward {spec!r} needs {what} (docs/rewards.md)")
     if weights is None:
         return
     weights = str(weights)
     if not Path(weights).exists():
-        raise ValueError(f"reward_weights={weights!r}: no such folder")
+        raise ValueError(f"reward_weights={weights!r}: no such {'file or ' if spec == 'hps' else ''}folder")
     if spec == "aesthetic":
         folder, path = clip_folder(weights), head_file(weights)
-        check_projection(clip_configs(folder)[0].projection_dim, check_head_state(load_head_state(path), path),
+        check_projection(clip_configs(folder)[0].projection_dim, check_head_state(load_state_file(path), path),
                          folder, path)
-    elif spec == "clip-score":
+    elif spec in ("clip-score", "pickscore"):
         folder = clip_folder(weights)
         if clip_configs(folder)[1] is None:
-            raise ValueError(f"reward_weights={weights!r}: clip-score needs a full CLIPModel (text and vision), "
+            raise ValueError(f"reward_weights={weights!r}: {spec} needs a full CLIPModel (text and vision), "
                              f"{folder} holds a vision model only")
-        if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-            raise ValueError(f"reward_weights={weights!r}: no CLIP tokenizer in {folder} (tokenizer.json or "
-                             "vocab.json + merges.txt)")
+        tokenizer_folder(folder, weights)
+        if spec == "pickscore":
+            read_weight(folder, "logit_scale")
+    elif spec == "hps":
+        from sqdf_fast.rewards_hps import check_hps
+        check_hps(weights)
     elif spec == "digits" and not (Path(weights) / "reward.safetensors").is_file():
         raise ValueError(f"reward_weights={weights!r}: no reward.safetensors there (a digits weights folder)")
 
@@ -301,37 +460,64 @@ def load_vision(folder: Path) -> nn.Module:
 def load_aesthetic(weights: str | Path) -> AestheticReward:
     check_weights("aesthetic", weights)
     folder, path = clip_folder(weights), head_file(weights)
-    state = load_head_state(path)
+    state = load_state_file(path)
     head = AestheticHead(check_head_state(state, path))
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return AestheticReward(load_vision(folder), head)
 
 
 @torch.no_grad()
-def text_embeddings(folder: Path, prompts: list[str], device: torch.device | str = "cpu") -> Tensor:
-    """(len(prompts), D) CLIP text embeddings on the CPU, each distinct prompt encoded once (on `device`)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    text = load_pretrained(CLIPTextModelWithProjection, folder, clip_configs(folder)[1]).to(device)
+def embed_prompts(prompts: list[str], encode: Callable[[list[str]], Tensor]) -> Tensor:
+    """(len(prompts), D) text embeddings on the CPU, each distinct prompt encoded once, TEXT_BATCH per `encode`
+    call."""
     distinct = list(dict.fromkeys(prompts))
-    embeds = []
-    for start in range(0, len(distinct), TEXT_BATCH):
-        tokens = tokenizer(distinct[start:start + TEXT_BATCH], padding="max_length", truncation=True,
-                           max_length=text.config.max_position_embeddings, return_tensors="pt")
-        tokens = tokens.to(device)
-        embeds.append(text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.cpu())
+    embeds = torch.cat([encode(distinct[start:start + TEXT_BATCH]).cpu()
+                        for start in range(0, len(distinct), TEXT_BATCH)])
     row = {prompt: i for i, prompt in enumerate(distinct)}
-    return torch.cat(embeds)[torch.tensor([row[p] for p in prompts])]
+    return embeds[torch.tensor([row[p] for p in prompts])]
+
+
+@torch.no_grad()
+def text_embeddings(folder: Path, prompts: list[str], device: torch.device | str = "cpu",
+                    tokenizer_dir: Path | None = None) -> Tensor:
+    """(len(prompts), D) CLIP text embeddings of a transformers CLIP folder's text tower (encoded on `device`), its
+    tokenizer from `tokenizer_dir` (default: the folder)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir or folder)
+    text = load_pretrained(CLIPTextModelWithProjection, folder, clip_configs(folder)[1]).to(device)
+
+    def encode(batch: list[str]) -> Tensor:
+        tokens = tokenizer(batch, padding="max_length", truncation=True,
+                           max_length=text.config.max_position_embeddings, return_tensors="pt").to(device)
+        return text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds
+
+    return embed_prompts(prompts, encode)
+
+
+def need_prompts(name: str, prompts: list[str] | None) -> list[str]:
+    if not prompts:
+        raise ValueError(f"reward={name!r} needs the task's prompts (Task.prompts): this task has none")
+    return prompts
 
 
 def load_clip_score(weights: str | Path, prompts: list[str] | None, scale: float = 100.0,
                     device: torch.device | str = "cpu") -> ClipScoreReward:
-    if not prompts:
-        raise ValueError("reward='clip-score' needs the task's prompts (Task.prompts): this task has none")
+    need_prompts("clip-score", prompts)
     check_weights("clip-score", weights)
     folder = clip_folder(weights)
-    vision = load_vision(folder)
-    return ClipScoreReward(vision, text_embeddings(folder, prompts, device), scale)
+    embeds = text_embeddings(folder, prompts, device, tokenizer_folder(folder, weights))
+    return ClipScoreReward(load_vision(folder), embeds, scale)
+
+
+def load_pickscore(weights: str | Path, prompts: list[str] | None,
+                   device: torch.device | str = "cpu") -> ClipScoreReward:
+    """PickScore: exp(logit_scale) x cos(image, prompt) of its fine-tuned CLIP-H, the authors' scoring rule."""
+    need_prompts("pickscore", prompts)
+    check_weights("pickscore", weights)
+    folder = clip_folder(weights)
+    scale = float(read_weight(folder, "logit_scale").double().exp())
+    embeds = text_embeddings(folder, prompts, device, tokenizer_folder(folder, weights))
+    return ClipScoreReward(load_vision(folder), embeds, scale, name="pickscore")
 
 
 def load_digits(weights: str | Path | None) -> nn.Module:
@@ -342,16 +528,29 @@ def load_digits(weights: str | Path | None) -> nn.Module:
 
 
 def is_known(spec: str | None) -> bool:
+    """Whether `spec` names a reward; ValueError naming the fault for a malformed weighted sum."""
+    if spec is not None and "=" in spec:
+        return parse_sum(spec) is not None
     return spec is None or spec in BUILTIN_REWARDS or ":" in spec
 
 
 def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[str] | None = None,
                  task_reward: Reward | None = None, device: torch.device | str = "cpu") -> Reward:
     """The reward named by `spec`: None or "task" (the task's own, `task_reward`), "digits", "aesthetic",
-    "clip-score" (needs `prompts`), or "module:function". `weights`: the reward_weights folder (module docstring);
-    `device`: where clip-score encodes its prompts (the reward itself is returned on the CPU, to be moved with the
-    task's frozen networks)."""
+    "clip-score", "pickscore", "hps" (these three need `prompts`), "module:function", or a weighted sum of these,
+    "NAME=W,NAME=W,..." (a `RewardSum`, each term built once, `weights` then "NAME=PATH,NAME=PATH,..."). `weights`:
+    the reward_weights file or folder (module docstring); `device`: where the text rewards encode their prompts (the
+    reward itself is returned on the CPU, to be moved with the task's frozen networks)."""
     from sqdf_fast.tasks import load_callable
+    terms = parse_sum(spec)
+    if terms is not None:
+        check_weights(spec, weights)
+        paths = term_weights(spec, [name for name, _ in terms], None if weights is None else str(weights))
+        from sqdf_fast.memory import Checkpointed
+        # the task's own reward, not the task's checkpointing wrapper around it: that wrapper will hold this sum
+        own = task_reward.fn if isinstance(task_reward, Checkpointed) else task_reward
+        return RewardSum([(name, weight, build_reward(name, weights=paths[name], prompts=prompts, task_reward=own,
+                                                      device=device)) for name, weight in terms])
     if spec is None or spec == "task":
         if task_reward is None:
             raise ValueError("reward: the task has no reward of its own; name one (docs/rewards.md)")
@@ -362,6 +561,11 @@ def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[
         return load_aesthetic(weights)
     if spec == "clip-score":
         return load_clip_score(weights, prompts, device=device)
+    if spec == "pickscore":
+        return load_pickscore(weights, prompts, device=device)
+    if spec == "hps":
+        from sqdf_fast.rewards_hps import load_hps
+        return load_hps(weights, need_prompts("hps", prompts), device=device)
     if ":" in spec:
         return load_callable(spec, "reward")
     raise ValueError(f"reward={spec!r}: unknown reward; built-in: {', '.join(BUILTIN_REWARDS)}, or module:function")
