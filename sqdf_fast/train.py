@@ -41,6 +41,7 @@ from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.methods import Method
 from sqdf_fast.metrics import per_class_diversity, per_class_fd
 from sqdf_fast.plots import save_curves, save_grid
+from sqdf_fast.rewards import reward_terms
 from sqdf_fast.rollout import rollout
 from sqdf_fast.schedule import DDIMSchedule
 
@@ -137,6 +138,7 @@ def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, base: bool =
                              batch_rows=(rows, cond.shape[0]))
     images = task.decode(x0)
     reward, features = task.reward(images, cond[rows]), task.features(images)
+    terms = reward_terms(task.reward)   # a weighted sum's terms at this call, logged one by one
     images, reward, features = ctx.gather_rows(images), ctx.gather_rows(reward), ctx.gather_rows(features)
     by_class = {int(c): features[cond == c] for c in torch.unique(cond).tolist()}
     if task.real_features is not None:
@@ -149,6 +151,7 @@ def evaluate(method: Method, cfg: config.TrainConfig, ctx: Context, base: bool =
                "fd": per_class_fd(features, cond, reference),
                "path_kl": 0.0 if base else float(ctx.gather_rows(path_kl).mean()),
                "nonfinite_samples": int((~finite).sum())}
+    metrics.update({f"reward_{name}": float(ctx.gather_rows(value)[finite].mean()) for name, value in terms.items()})
     if metrics["nonfinite_samples"] and ctx.is_main:
         tqdm.write(f"warning: {metrics['nonfinite_samples']} of {reward.shape[0]} evaluation samples"
                    f"{' of the base model' if base else ''} have a non-finite reward: the reported reward is the "

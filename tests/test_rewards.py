@@ -244,7 +244,8 @@ def test_build_puts_the_named_reward_into_the_task():
     assert isinstance(task.reward, BoldnessReward) and task.reward.classifier not in task.frozen
     assert task.frozen[-1] is task.reward and len(task.frozen) == len(own.frozen) + 1   # moves with the task
     plain = tasks.build(config.TrainConfig(reward="rewards_for_tests:image_mean"), torch.device("cpu"))
-    assert plain.reward is rewards_for_tests.image_mean and len(plain.frozen) == len(own.frozen)
+    # a user's reward is checked at each call (tasks.CheckedReward) around the function itself
+    assert plain.reward.fn is rewards_for_tests.image_mean and len(plain.frozen) == len(own.frozen)
 
 
 def test_build_checks_what_the_metrics_need():
