@@ -33,7 +33,7 @@ WORLD = 2
 TINY = ["--batch-size", "8", "--rollout-batch", "8", "--buffer-size", "16", "--sample-steps", "5",
         "--eval-per-class", "2", "--log-every", "1", "--checkpoint-every", "2", "--no-progress"]
 RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "samples_base.png", "samples_final.png", "curves.png",
-             "checkpoint", "checkpoint/adapter.safetensors", "checkpoint/state.pt"}
+             "checkpoint", "checkpoint/adapter.safetensors", "checkpoint/state.pt", "checkpoint/checksums.json"}
 
 # ranks other than 0 may read anything but write nothing under SQDF_TEST_READ_ONLY
 NO_WRITES_HOOK = textwrap.dedent('''
@@ -280,9 +280,10 @@ def test_resume_with_two_ranks_equals_uninterrupted(runs):
     for key in ("reward_final", "diversity_final", "fd_final", "path_kl_final"):
         assert summary_a[key] == summary_b[key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
-    # b logged its own final evaluation at step 1 before being resumed
-    rows_b = [r for r in strip(read_rows(b)) if not (r["step"] == 1 and "eval_reward" in r)]
-    assert strip(read_rows(a)) == rows_b
+    # b's own final evaluation at step 1 came after its checkpoint: the resume dropped it and recorded its change
+    rows_b = strip(read_rows(b))
+    assert [r for r in rows_b if "resumed_with" in r] == [{"step": 1, "resumed_with": {"steps": [1, 4]}}]
+    assert strip(read_rows(a)) == [r for r in rows_b if "resumed_with" not in r]
 
 
 def test_resume_with_another_number_of_processes_fails(runs, monkeypatch):

@@ -80,7 +80,8 @@ def test_sample_cli_writes_a_grid(trained, tmp_path, capsys):
     assert "2 prompts x 3 images" in capsys.readouterr().out
     width, height = Image.open(out).size
     assert (width, height) == (3 * (TINY_RESOLUTION + 1) + 1, 2 * (TINY_RESOLUTION + 1) + 1)
-    with pytest.raises(SystemExit, match="lora='/nowhere'"):
-        sample.main(["--model", str(model), "--lora", "/nowhere", "--out", str(out)])
-    with pytest.raises(SystemExit, match="model="):
-        sample.main(["--model", str(tmp_path / "missing"), "--out", str(out)])
+    for argv, message in ((["--model", str(model), "--lora", "/nowhere"], "--lora /nowhere: not a LoRA"),
+                          (["--model", str(tmp_path / "missing")], "missing: no such folder")):
+        with pytest.raises(SystemExit) as err:   # usage errors: exit 2 with one error line
+            sample.main(argv + ["--out", str(out)])
+        assert err.value.code == 2 and message in capsys.readouterr().err
