@@ -28,9 +28,11 @@ class TrainConfig:
                                                                          in METHODS.items()), tuple(METHODS))
     model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)")
     reward: str | None = option(None, "task", "reward replacing the task's own: task (the task's, default), digits, "
-                                "aesthetic, clip-score, or module:function (images, cond) -> (B,) (docs/rewards.md)")
-    reward_weights: str | None = option(None, "task", "folder of the reward's weights: aesthetic (CLIP + LAION head), "
-                                        "clip-score (a CLIP model), digits (docs/rewards.md)")
+                                "aesthetic, clip-score, pickscore, hps, module:function (images, cond) -> (B,), or "
+                                "a weighted sum NAME=W,NAME=W,... (docs/rewards.md)")
+    reward_weights: str | None = option(None, "task", "the reward's weights: aesthetic (CLIP + LAION head), "
+                                        "clip-score, pickscore (CLIP folders), hps (checkpoint file), digits; for a "
+                                        "sum NAME=PATH,NAME=PATH,... (docs/rewards.md)")
     consistency: str | None = option(None, "task", "sd tasks: the consistency model, an LCM-LoRA (.safetensors file, "
                                      "or folder with pytorch_lora_weights.safetensors) or an LCM UNet folder")
     prompts: str = option("simple-animals", "task", "sd tasks: prompt list, built-in (simple-animals: 45 animals, "

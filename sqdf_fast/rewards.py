@@ -2,9 +2,9 @@
 
 The interface. A reward is a callable `reward(images, cond) -> (B,)` float32, differentiable in `images`:
 - `images`: (B, 3, H, W) floats in **[0, 1]** (what a VAE-decoding task returns after its one `x / 2 + 0.5`). The
-  image rewards here do their own CLIP preprocessing (resize, crop, mean/std normalisation) exactly once, inside
-  the reward, through `clip_preprocess`. The authors' code maps [0, 1] images through `x / 2 + 0.5` a second time,
-  so their rewards see washed-out images in [0.5, 1] (docs/method.md §9.1); that is not replicated. A task's own
+  image rewards here do their own CLIP preprocessing (resize, crop or pad, mean/std normalisation) exactly once,
+  inside the reward, through `clip_preprocess`. The authors' code maps [0, 1] images through `x / 2 + 0.5` a second
+  time, so their rewards see washed-out images in [0.5, 1] (docs/method.md §9.1); that is not replicated. A task's own
   reward (e.g. digits, whose images are in [-1, 1]) takes images as that task's `decode` returns them.
 - `cond`: (B,) conditions as the task draws them; for text-conditioned tasks long indices into the task's
   `prompts` list.
@@ -29,10 +29,18 @@ Names for `build_reward` (`--reward`, with `--reward-weights PATH`; `sqdf_fast.t
 
 - `clip-score`: 100 x the cosine similarity between the CLIP image embedding and the CLIP text embedding of the
   sample's prompt (torchmetrics' CLIPScore scale, without its clamp at 0, which would zero the gradient).
-  `reward_weights` is a CLIP folder (a CLIPModel with its tokenizer files) or a folder holding one as clip/. The
-  text embedding of each distinct prompt is computed once when the reward is built; the text model is then
-  dropped.
+  `reward_weights` is a CLIP folder (a CLIPModel with its tokenizer files, or with them in WEIGHTS/tokenizer/) or
+  a folder holding one as clip/. The text embedding of each distinct prompt is computed once when the reward is
+  built; the text model is then dropped.
+- `pickscore`: PickScore, its authors' rule: exp(logit_scale) x the cosine similarity of the image and prompt
+  embeddings of their fine-tuned CLIP-H (a transformers CLIPModel, e.g. a download of yuvalkirstain/PickScore_v1;
+  logit_scale read from its weights). `reward_weights` as for clip-score; PickScore's model folder has no tokenizer:
+  put laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer files in WEIGHTS/tokenizer/.
+- `hps`: HPSv2 / v2.1 on open_clip's ViT-H-14 (the optional open_clip_torch package); `sqdf_fast.rewards_hps`.
 - `module:function`: your own callable `(images, cond) -> (B,)`.
+- `NAME=W,NAME=W,...` (names above): the weighted sum of those rewards (`RewardSum`), each built once, with
+  `reward_weights` `NAME=PATH,NAME=PATH,...` for the terms that take weights (paths without commas). The
+  trainer's evaluation logs each term (`reward_terms`).
 """
 from __future__ import annotations
 
