@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -132,20 +133,34 @@ bool with_dtype(int dtype, F&& f) {
   }
 }
 
-// Per-sample DDIM coefficients, in double whatever the element dtype.
+// Per-sample DDIM coefficients in double whatever the element dtype: x_prev = c_x x + c_eps eps + sigma noise and
+// ratio = c_eps / sigma (the KL is ratio^2 mean (eps - eps_ref)^2). The forms avoid cancellation; the maths, the
+// domain 0 < a <= a' <= 1 and the edges are those of sqdf_fast/ops/reference.py's ddim_coefficients, computed in
+// the same order of operations (kernels/guided_step.py does too): the identity at a = a', NaN outside the domain,
+// ratio NaN where sigma = 0 at a < a'.
 struct StepCoef {
-  double c_x, c_eps, sigma;
+  double c_x, c_eps, sigma, ratio;
 };
+
+StepCoef step_coef(double a, double ap, double eta) {
+  constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+  if (a > 0 && a == ap && ap <= 1) return {1, 0, 0, 0};
+  if (!(a > 0 && a < ap && ap <= 1)) return {nan, nan, nan, nan};
+  const double one_a = 1 - a, one_ap = 1 - ap, delta = ap - a, eta2 = eta * eta;
+  const double r = delta / (one_a * ap);  // in (0, 1]: sigma^2 = eta^2 (1 - a') r
+  const double sigma_sq = eta2 * one_ap * r;
+  const double v = one_ap * ((1 - eta2) + eta2 * (a * one_ap / (one_a * ap)));  // 1 - a' - sigma^2
+  if (!(v >= 0)) return {nan, nan, nan, nan};  // only at eta > 1
+  const double c_x = std::sqrt(ap) / std::sqrt(a);
+  const double c_eps = -(delta / a + sigma_sq) / (std::sqrt(v) + c_x * std::sqrt(one_a));
+  const double sigma = eta * std::sqrt(one_ap * r);
+  return {c_x, c_eps, sigma, sigma > 0 ? c_eps / sigma : nan};
+}
 
 template <typename C>
 std::vector<StepCoef> step_coefs(int64_t batch, const C* alpha_t, const C* alpha_prev, double eta) {
   std::vector<StepCoef> out(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const double a = alpha_t[b], ap = alpha_prev[b];
-    const double sigma = eta * std::sqrt((1 - ap) / (1 - a) * (1 - a / ap));
-    const double c_x = std::sqrt(ap) / std::sqrt(a);
-    out[b] = {c_x, std::sqrt(1 - ap - sigma * sigma) - c_x * std::sqrt(1 - a), sigma};
-  }
+  for (int64_t b = 0; b < batch; ++b) out[b] = step_coef(alpha_t[b], alpha_prev[b], eta);
   return out;
 }
 
@@ -236,6 +251,11 @@ void guided_step_forward(int64_t batch, int64_t d, const void* x_, const void* e
   const auto ref_u = static_cast<const T*>(ref_u_), noise = static_cast<const T*>(noise_);
   const auto x_prev = static_cast<T*>(x_prev_);
   const auto coef = step_coefs(batch, static_cast<const C*>(alpha_t), static_cast<const C*>(alpha_prev), eta);
+  const auto kl = static_cast<C*>(kl_);  // null without a reference
+  if (d == 0) {  // empty tensors have null data pointers: only the KL to write, 0 (NaN outside the domain)
+    for (int64_t b = 0; kl != nullptr && b < batch; ++b) kl[b] = C(coef[b].ratio * coef[b].ratio * 0.0);
+    return;
+  }
   const C w = C(w_);
   const int64_t chunks = (d + kChunk - 1) / kChunk;
   std::vector<double> partial(ref_c ? batch * chunks : 0);
@@ -249,11 +269,10 @@ void guided_step_forward(int64_t batch, int64_t d, const void* x_, const void* e
     });
   }, eps_u != nullptr, noise != nullptr, ref_c != nullptr);
   if (ref_c == nullptr) return;
-  const auto kl = static_cast<C*>(kl_);
   for (int64_t b = 0; b < batch; ++b) {
     double sum = 0;
     for (int64_t c = 0; c < chunks; ++c) sum += partial[b * chunks + c];
-    const double ratio = coef[b].c_eps / coef[b].sigma;
+    const double ratio = coef[b].ratio;
     kl[b] = C(ratio * ratio * sum / double(d));
   }
 }
@@ -275,7 +294,7 @@ void guided_step_backward(int64_t batch, int64_t d, const void* g_, const void* 
   const bool kl_term = grad_kl != nullptr && ref_c != nullptr;
   std::vector<C> h(batch, C(0));  // d kl_b / d eps = h_b (eps - eps_ref), times grad_kl[b]
   for (int64_t b = 0; kl_term && b < batch; ++b) {
-    const double ratio = coef[b].c_eps / coef[b].sigma;
+    const double ratio = coef[b].ratio;
     h[b] = C(double(grad_kl[b]) * 2 * ratio * ratio / double(d));
   }
   const C w = C(w_);
@@ -299,7 +318,9 @@ void x0_coefs(int64_t batch, const C* alpha_t, const C* c_skip, const C* c_out, 
   k_x.resize(batch);
   k_eps.resize(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    const double a = alpha_t[b], skip = c_skip ? double(c_skip[b]) : 0.0, out = c_out ? double(c_out[b]) : 1.0;
+    // NaN outside the domain 0 < a <= 1 (at a = 0 the quotients below would be infinite, not NaN)
+    const double a = alpha_t[b] > 0 && alpha_t[b] <= 1 ? double(alpha_t[b]) : std::numeric_limits<double>::quiet_NaN();
+    const double skip = c_skip ? double(c_skip[b]) : 0.0, out = c_out ? double(c_out[b]) : 1.0;
     k_x[b] = C(skip + out / std::sqrt(a));
     k_eps[b] = C(-out * std::sqrt(1 - a) / std::sqrt(a));
   }
@@ -332,13 +353,18 @@ void x0_estimate_backward(int64_t batch, int64_t d, const void* grad, const void
   });
 }
 
+// gamma^k for k >= 0 steps left; NaN for a negative k (outside the domain: the ops layer rejects it where it can).
+inline double sqdf_discount(double gamma, double k) {
+  return k >= 0 ? std::pow(gamma, k) : std::numeric_limits<double>::quiet_NaN();
+}
+
 // The loss works on (B,) vectors: one serial pass in double, summed in index order.
 template <typename C>
 void loss_forward(int64_t batch, const C* reward, const C* kl, const C* k, double gamma, double alpha,
                   const C* weight, C* loss) {
   double sum = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    const double term = -std::pow(gamma, double(k[b])) * reward[b] + alpha * kl[b];
+    const double term = -sqdf_discount(gamma, k[b]) * reward[b] + alpha * kl[b];
     sum += weight ? weight[b] * term : term;
   }
   *loss = C(sum / double(batch));
@@ -349,7 +375,7 @@ void loss_backward(int64_t batch, const C* grad, const C* reward, const C* kl, c
                    double alpha, const C* weight, C* g_reward, C* g_kl, C* g_weight) {
   const double scale = double(*grad) / double(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    const double wg = weight ? weight[b] * scale : scale, discount = std::pow(gamma, double(k[b]));
+    const double wg = weight ? weight[b] * scale : scale, discount = sqdf_discount(gamma, k[b]);
     if (g_reward) g_reward[b] = C(-wg * discount);
     if (g_kl) g_kl[b] = C(wg * alpha);
     if (g_weight) g_weight[b] = C(scale * (-discount * reward[b] + alpha * kl[b]));
@@ -761,8 +787,9 @@ PyObject* py_sqdf_loss_backward(PyObject*, PyObject* const* args, Py_ssize_t nar
   return ok ? PyTuple_Pack(3, grads[0].get(), grads[1].get(), grads[2].get()) : nullptr;
 }
 
-// Bumped whenever a launcher's signature changes; sqdf_fast/ops/cpp.py refuses a module built from other sources.
-constexpr long kAbiVersion = 2;
+// Bumped whenever a launcher's signature or results change (3: the domain edges of docs/ops.md §5);
+// sqdf_fast/ops/cpp.py refuses a module built from other sources.
+constexpr long kAbiVersion = 3;
 
 PyObject* py_abi_version(PyObject*, PyObject*) { return PyLong_FromLong(kAbiVersion); }
 

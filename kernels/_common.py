@@ -19,6 +19,8 @@ from sqdf_fast.ops.checks import compute_dtype
 
 # TRITON_INTERPRET is read by triton at import time; this module is imported after triton.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The value of a sample outside an op's domain (docs/ops.md §5), as a constant kernels can use.
+NAN = tl.constexpr(float("nan"))
 
 # The interpreter pays about 1 ms per program instance and cannot autotune more than one config, so one large
 # tile. On a GPU the streaming kernels are memory-bound; the autotuner picks tile size and warps per D.

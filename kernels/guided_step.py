@@ -6,7 +6,7 @@ Maths, per sample b (a = alpha_t[b], a' = alpha_prev[b], D elements per sample):
     c_x   = sqrt(a') / sqrt(a),   c_eps = sqrt(1 - a' - sigma^2) - c_x sqrt(1 - a)
     eps   = eps_u + w (eps_c - eps_u)      (eps_c alone without eps_u; eps_ref alike from the reference)
     x_prev = c_x x + c_eps eps + sigma noise
-    kl     = c_eps^2 / sigma^2 mean_D (eps - eps_ref)^2
+    kl     = c_eps^2 / sigma^2 mean_D (eps - eps_ref)^2          (0 when D = 0)
 
 Backward, with g = dL/dx_prev, h = dL/dkl 2 c_eps^2 / (D sigma^2) and diff = eps - eps_ref:
 
@@ -14,15 +14,24 @@ Backward, with g = dL/dx_prev, h = dL/dkl 2 c_eps^2 / (D sigma^2) and diff = eps
     grad_x = c_x g,   grad_noise = sigma g,   (grad_eps_c, grad_eps_u) = (w ge, (1 - w) ge)   (ge alone without eps_u)
     and gr split alike between the reference's two epsilons.
 
-Kernels (tiling in `_common`): every program recomputes its sample's coefficients in float64 from the (B,) schedule
-tensors, then streams its tile in the compute dtype, reading each input once and writing each output once. Absent
-inputs and unneeded outputs are None pointers, which triton specialises away.
+The coefficients are computed per sample in float64 (whatever the compute dtype) in forms free of cancellation, the
+same sequence as the C++ backend and `sqdf_fast.ops.reference.ddim_coefficients`, with r = (a' - a) / ((1 - a) a'):
+
+    sigma = eta sqrt((1 - a') r),   v = 1 - a' - sigma^2 = (1 - a') ((1 - eta^2) + eta^2 a (1 - a') / ((1 - a) a'))
+    c_eps = -((a' - a) / a + sigma^2) / (sqrt(v) + c_x sqrt(1 - a)),   ratio = c_eps / sigma
+
+Domain (docs/ops.md §5) 0 < a <= a' <= 1 with v >= 0 (always at eta <= 1): at a = a' the step is the identity
+(c_x = 1, c_eps = sigma = 0, kl = 0); outside it every coefficient is NaN, and the KL also where sigma = 0 at a < a'.
+
+Kernels (tiling in `_common`): every program computes its samples' coefficients in float64 from the (B,) schedule
+tensors, rounds them to the compute dtype, then streams its tile in the compute dtype, reading each input once and
+writing each output once. Absent inputs and unneeded outputs are None pointers, which triton specialises away.
 
 - `_forward_kernel` writes x_prev and, with a reference, the tile's sum of diff^2. The KL is reduced without atomics:
   with one tile per sample the program writes kl[b] itself; otherwise it writes partials[pid] and
   `_kl_finalize_kernel` (one program per sample) sums that row in a fixed order. The reduction therefore runs at a
   fixed tile size and warp count (KL_CONFIG), making kl bitwise reproducible; without a reference the forward is
-  elementwise and autotuned like the backward.
+  elementwise and autotuned like the backward. With D = 0 only `_kl_empty_kernel` runs (the KL, 0 or NaN).
 - `_backward_kernel` is elementwise (h is a per-sample scalar): it reads g, and eps / eps_ref only when h is.
 """
 from __future__ import annotations
@@ -34,6 +43,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     INTERPRET_TILE,
+    NAN,
     batch_dims,
     compute_dtypes,
     elementwise,
@@ -53,20 +63,39 @@ FINALIZE_TILE = 1024  # partial sums one finalize step adds (over one or several
 
 
 @triton.jit
-def _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta, CT: tl.constexpr):
-    """(c_x, c_eps, sigma) of the tile's samples, (ROWS,) each."""
-    a = load_per_sample(alpha_t_ptr, rows, B, CT)
-    a_prev = load_per_sample(alpha_prev_ptr, rows, B, CT)
-    sigma = scalar_arg(eta, CT) * tl.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    c_x = tl.sqrt(a_prev) / tl.sqrt(a)
-    return c_x, tl.sqrt(1 - a_prev - sigma * sigma) - c_x * tl.sqrt(1 - a), sigma
+def _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta):
+    """(c_x, c_eps, sigma, ratio) of the tile's samples, (ROWS,) each, in float64 whatever the compute dtype: the
+    forms, edges and order of operations of the C++ backend's step_coef (see the module docstring)."""
+    a = load_per_sample(alpha_t_ptr, rows, B, tl.float64)
+    ap = load_per_sample(alpha_prev_ptr, rows, B, tl.float64)
+    eta64 = scalar_arg(eta, tl.float64)
+    step = (a > 0) & (a < ap) & (ap <= 1)
+    same = (a > 0) & (a == ap) & (ap <= 1)
+    a = tl.where(step, a, 0.25)  # stand-ins off the proper steps: no lane divides by zero
+    ap = tl.where(step, ap, 0.5)
+    one_a = 1 - a
+    one_ap = 1 - ap
+    delta = ap - a
+    eta2 = eta64 * eta64
+    r = delta / (one_a * ap)
+    sigma_sq = eta2 * one_ap * r
+    v = one_ap * ((1 - eta2) + eta2 * (a * one_ap / (one_a * ap)))
+    step = step & (v >= 0)
+    c_x = tl.sqrt(ap) / tl.sqrt(a)
+    c_eps = -(delta / a + sigma_sq) / (tl.sqrt(tl.where(v >= 0, v, 0.0)) + c_x * tl.sqrt(one_a))
+    sigma = eta64 * tl.sqrt(one_ap * r)
+    ratio = tl.where(sigma > 0, c_eps / tl.where(sigma > 0, sigma, 1.0), NAN)
+    c_x = tl.where(step, c_x, tl.where(same, 1.0, NAN))
+    c_eps = tl.where(step, c_eps, tl.where(same, 0.0, NAN))
+    sigma = tl.where(step, sigma, tl.where(same, 0.0, NAN))
+    ratio = tl.where(step, ratio, tl.where(same, 0.0, NAN))
+    return c_x, c_eps, sigma, ratio
 
 
 @triton.jit
-def _kl_scale(c_eps, sigma, D):
-    """c_eps^2 / (D sigma^2): kl = scale sum_D diff^2, and dkl / d(diff) = 2 scale diff."""
-    ratio = c_eps / sigma
-    return ratio * ratio / D
+def _kl_scale(ratio, D, CT: tl.constexpr):
+    """ratio^2 / D in the compute dtype: kl = scale sum_D diff^2, and dkl / d(diff) = 2 scale diff."""
+    return (ratio * ratio / D).to(CT)
 
 
 @triton.jit
@@ -93,7 +122,8 @@ def _forward_kernel(x_ptr, eps_c_ptr, eps_u_ptr, ref_c_ptr, ref_u_ptr, noise_ptr
                     x_prev_ptr, kl_ptr, B, D, eta: tl.float64, w: tl.float64,
                     CT: tl.constexpr, KL_PARTIAL: tl.constexpr, TILE: tl.constexpr, COLS: tl.constexpr):
     rows, offs, mask = sample_tile(B, D, TILE, COLS)
-    c_x, c_eps, sigma = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta, CT)
+    c_x, c_eps, sigma, ratio = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta)
+    c_x, c_eps, sigma = c_x.to(CT), c_eps.to(CT), sigma.to(CT)
     w_ct = scalar_arg(w, CT)
     eps = _guided(eps_c_ptr, eps_u_ptr, w_ct, offs, mask, CT)
     x_prev = c_x[:, None] * load_tile(x_ptr, offs, mask, CT) + c_eps[:, None] * eps
@@ -108,7 +138,7 @@ def _forward_kernel(x_ptr, eps_c_ptr, eps_u_ptr, ref_c_ptr, ref_u_ptr, noise_ptr
             tl.static_assert(TILE == COLS)
             tl.store(kl_ptr + tl.program_id(0) + tl.arange(0, 1), total)
         else:
-            tl.store(kl_ptr + rows, total * _kl_scale(c_eps, sigma, D), mask=rows < B)
+            tl.store(kl_ptr + rows, total * _kl_scale(ratio, D, CT), mask=rows < B)
 
 
 # Without a reference the forward is elementwise: autotuned like the backward (same kernel, other launch configs).
@@ -127,8 +157,16 @@ def _kl_finalize_kernel(partials_ptr, alpha_t_ptr, alpha_prev_ptr, kl_ptr, B, D,
     for start in range(0, n_chunks, COLS):
         mask = (rows < B)[:, None] & (start + cols < n_chunks)[None, :]
         acc += tl.load(row_ptrs + start + cols[None, :], mask=mask, other=0.0)
-    _, c_eps, sigma = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta, CT)
-    tl.store(kl_ptr + rows, tl.sum(acc, axis=1) * _kl_scale(c_eps, sigma, D), mask=rows < B)
+    ratio = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta)[3]
+    tl.store(kl_ptr + rows, tl.sum(acc, axis=1) * _kl_scale(ratio, D, CT), mask=rows < B)
+
+
+@triton.jit
+def _kl_empty_kernel(alpha_t_ptr, alpha_prev_ptr, kl_ptr, B, eta: tl.float64, BLOCK: tl.constexpr):
+    """kl of samples with no elements (D = 0): 0, NaN outside the domain."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ratio = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta)[3]
+    tl.store(kl_ptr + rows, ratio * ratio * 0.0, mask=rows < B)
 
 
 @elementwise
@@ -137,7 +175,8 @@ def _backward_kernel(g_ptr, grad_kl_ptr, eps_c_ptr, eps_u_ptr, ref_c_ptr, ref_u_
                      grad_x_ptr, grad_eps_c_ptr, grad_eps_u_ptr, grad_ref_c_ptr, grad_ref_u_ptr, grad_noise_ptr, B, D,
                      eta: tl.float64, w: tl.float64, CT: tl.constexpr, TILE: tl.constexpr, COLS: tl.constexpr):
     rows, offs, mask = sample_tile(B, D, TILE, COLS)
-    c_x, c_eps, sigma = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta, CT)
+    c_x, c_eps, sigma, ratio = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta)
+    c_x, c_eps, sigma = c_x.to(CT), c_eps.to(CT), sigma.to(CT)
     if g_ptr is not None:
         g = load_tile(g_ptr, offs, mask, CT)
     else:
@@ -151,7 +190,7 @@ def _backward_kernel(g_ptr, grad_kl_ptr, eps_c_ptr, eps_u_ptr, ref_c_ptr, ref_u_
         ge = c_eps[:, None] * g
         gr = tl.zeros(offs.shape, CT)
         if grad_kl_ptr is not None:  # the launcher passes grad_kl only together with a reference
-            h = 2 * load_per_sample(grad_kl_ptr, rows, B, CT) * _kl_scale(c_eps, sigma, D)
+            h = (2 * load_per_sample(grad_kl_ptr, rows, B, tl.float64) * ratio * ratio / D).to(CT)
             h_diff = h[:, None] * (_guided(eps_c_ptr, eps_u_ptr, w_ct, offs, mask, CT)
                                    - _guided(ref_c_ptr, ref_u_ptr, w_ct, offs, mask, CT))
             ge += h_diff
@@ -178,6 +217,12 @@ def guided_step_forward(x: torch.Tensor, eps_cond: torch.Tensor, eps_uncond: tor
     batch, d = batch_dims(x)
     ct, tl_ct = compute_dtypes(x.dtype)
     x_prev = torch.empty_like(x)
+    if d == 0:  # nothing to step; the KL of samples with no elements is 0 (NaN outside the domain), on the device
+        kl = torch.empty(batch if eps_ref_cond is not None else 0, dtype=ct, device=x.device)
+        if eps_ref_cond is not None:
+            _kl_empty_kernel[(triton.cdiv(batch, FINALIZE_TILE),)](alpha_t, alpha_prev, kl, batch, float(eta),
+                                                                   BLOCK=FINALIZE_TILE)
+        return x_prev, kl
     args = (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, x_prev)
     if eps_ref_cond is None:
         _forward_kernel_tuned[tile_grid(batch, d)](*args, None, batch, d, float(eta), float(w), CT=tl_ct,
@@ -213,8 +258,8 @@ def guided_step_backward(grad_x_prev: torch.Tensor | None, grad_kl: torch.Tensor
 
     grads = (out(need_x), out(need_eps), out(need_eps and eps_uncond is not None), out(need_ref),
              out(need_ref and eps_ref_uncond is not None), out(need_noise))
-    if need_x or need_eps or need_ref or need_noise:
-        batch, d = batch_dims(eps_cond)
+    batch, d = batch_dims(eps_cond)
+    if d > 0 and (need_x or need_eps or need_ref or need_noise):
         with_kl = grad_kl is not None and eps_ref_cond is not None
         _backward_kernel[tile_grid(batch, d)](
             grad_x_prev, grad_kl if with_kl else None, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond,

@@ -6,7 +6,8 @@ Maths, on (B,) vectors of the compute dtype (weight 1 when absent):
     grad_reward = -grad weight gamma^k / B,   grad_kl = grad weight alpha / B,
     grad_weight = grad (-gamma^k reward + alpha kl) / B
 
-gamma^k = exp2(k log2 gamma) with log2 gamma taken on the host (gamma > 0; the ops layer requires (0, 1]).
+gamma^k = exp2(k log2 gamma) with log2 gamma taken on the host (gamma > 0; the ops layer requires (0, 1]); k >= 0,
+and a negative k gives a NaN discount, as on every backend (docs/ops.md §5).
 
 Kernels: `_loss_forward_kernel` is a single program that walks the batch in BLOCK-wide steps into a vector
 accumulator and sums it once: a fixed order, so the loss is bitwise reproducible (B is a batch size, so one
@@ -21,15 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compute_dtypes, scalar_arg
+from ._common import NAN, compute_dtypes, scalar_arg
 
 BLOCK = 1024
 
 
 @triton.jit
 def _discount(k_ptr, offs, mask, log2_gamma, CT: tl.constexpr):
+    """gamma^k, NaN for a negative k (outside the domain: docs/ops.md §5)."""
     k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(CT)
-    return tl.exp2(k * scalar_arg(log2_gamma, CT))
+    return tl.where(k >= 0, tl.exp2(k * scalar_arg(log2_gamma, CT)), NAN)
 
 
 @triton.jit

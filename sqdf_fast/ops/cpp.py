@@ -12,13 +12,16 @@ allocate the outputs with torch.empty/empty_like and run the kernel without the 
 
 x has shape (B, ...) with D = x.numel() // B elements per sample; every tensor argument is contiguous, on the CPU,
 with x's shape and dtype (float32, float64, float16, bfloat16), except per-sample values: (B,) tensors of the compute
-dtype ct (`checks.compute_dtype`: float64 for float64 x, float32 otherwise). The kernels compute in ct, and their
-results do not depend on the number of threads.
+dtype ct (`checks.compute_dtype`: float64 for float64 x, float32 otherwise). The kernels compute the per-sample
+coefficients in double (`reference.ddim_coefficients`' forms, edges and order of operations), the elements in ct, and
+their results do not depend on the number of threads. Launchers read no values to validate them: a sample outside
+an op's domain (docs/ops.md §5) gets NaN, as on the other backends.
 
 - guided_step_forward(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev, eta, w)
   -> (x_prev, kl): the classifier-free-guided DDIM step x_prev = c_x x + c_eps eps + sigma noise, with
   eps = eps_u + w (eps_c - eps_u) (eps_c alone without eps_uncond), and kl (B,) = c_eps^2 / sigma^2 *
-  mean_D (eps - eps_ref)^2, eps_ref guided alike (an empty tensor without eps_ref_cond). noise None is zero noise.
+  mean_D (eps - eps_ref)^2, eps_ref guided alike (an empty tensor without eps_ref_cond; 0 where D = 0). noise None
+  is zero noise.
 - guided_step_backward(grad_x_prev, grad_kl, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, alpha_t,
   alpha_prev, eta, w, need_x, need_eps, need_ref, need_noise) -> (grad_x, grad_eps_cond, grad_eps_uncond,
   grad_eps_ref_cond, grad_eps_ref_uncond, grad_noise), None where not needed or the input is absent.
@@ -40,7 +43,7 @@ from torch import Tensor
 # Written by setup.py next to where the module would be when the build failed; holds the reason.
 BUILD_FAILED_NOTE = "_sqdf_cpu.build-failed.txt"
 MODULE = "sqdf_fast._sqdf_cpu"
-ABI_VERSION = 2  # abi_version() of the module these launchers were written for
+ABI_VERSION = 3  # abi_version() of the module these launchers were written for
 
 _lock = threading.Lock()
 _state: dict = {}  # after the first import attempt: "module" (or None), "path", "reason"

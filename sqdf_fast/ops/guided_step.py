@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sqdf_fast.ops import dispatch, reference
-from sqdf_fast.ops.checks import check_tensor, check_x, compute_dtype, per_sample
+from sqdf_fast.ops.checks import check_tensor, check_x, compute_dtype, step_alphas
 from sqdf_fast.ops.custom import empty_if_none, none_if_empty
 
 
@@ -32,7 +32,7 @@ def _check(x, tensors: dict, alpha_t, alpha_prev, eta, has_ref: bool) -> tuple[T
         if value is not None:
             check_tensor(name, value, x)
     _check_eta(eta, has_ref)
-    return per_sample("alpha_t", alpha_t, x, 0.0, 1.0), per_sample("alpha_prev", alpha_prev, x, 0.0, 1.0)
+    return step_alphas(alpha_t, alpha_prev, x, eta, has_ref)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -45,10 +45,12 @@ def _run(x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, 
     x, eps_cond, eta, w = x.contiguous(), eps_cond.contiguous(), float(eta), float(w)
     eps_uncond, eps_ref_cond, eps_ref_uncond, noise = (_contiguous(eps_uncond), _contiguous(eps_ref_cond),
                                                        _contiguous(eps_ref_uncond), _contiguous(noise))
-    if backend == "torch":
-        x_prev, kl = reference.guided_policy_step(x, eps_cond, eps_uncond, w, alpha_t, alpha_prev, eta, noise,
-                                                  eps_ref_cond, eps_ref_uncond)
-        return x_prev, (None if kl is None else kl.to(alpha_t.dtype))
+    if backend == "torch":  # in the compute dtype, as the fused backends: 16-bit inputs upcast, results rounded back
+        x_c, cond, uncond, noise_c, ref_cond, ref_uncond = (None if t is None else t.to(alpha_t.dtype) for t in (
+            x, eps_cond, eps_uncond, noise, eps_ref_cond, eps_ref_uncond))
+        x_prev, kl = reference.guided_policy_step(x_c, cond, uncond, w, alpha_t, alpha_prev, eta, noise_c, ref_cond,
+                                                  ref_uncond)
+        return x_prev.to(x.dtype), kl
     tensors = (x, eps_cond, eps_uncond, eps_ref_cond, eps_ref_uncond, noise, alpha_t, alpha_prev)
     if torch.compiler.is_compiling():
         x_prev, kl = _guided_step_op(*tensors, eta, w, backend)
@@ -63,7 +65,9 @@ def guided_policy_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, g
                        ) -> tuple[Tensor, Tensor | None]:
     """`policy_step` with classifier-free guidance folded in: eps = eps_u + w (eps_c - eps_u), the same for the
     reference, each of the (up to) four model outputs read once. eps_uncond None means the conditional output
-    alone (guidance unused); noise None means zero noise. kl is float32 (float64 for float64 inputs)."""
+    alone (guidance unused); noise None means zero noise. kl is float32 (float64 for float64 inputs). Backward as
+    `policy_step`'s, the gradient of eps split (w, 1 - w) between eps_cond and eps_uncond (eps_ref's alike).
+    Domain and edges as `policy_step` (docs/ops.md §5)."""
     check_x(x)
     alpha_t, alpha_prev = _check(x, {"eps_cond": eps_cond, "eps_uncond": eps_uncond, "noise": noise,
                                      "eps_ref_cond": eps_ref_cond, "eps_ref_uncond": eps_ref_uncond},
@@ -83,10 +87,22 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
                 noise: Tensor, eps_ref: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """DDIM step with stochasticity eta: x_prev = mu(eps) + sigma * noise, and kl (B,) against eps_ref.
 
+    Forward: x_prev = c_x x + c_eps eps + sigma noise with, per sample (a = alpha_t, a' = alpha_prev),
+    sigma = eta sqrt((1 - a') / (1 - a) (1 - a / a')), c_x = sqrt(a') / sqrt(a), c_eps = sqrt(1 - a' - sigma^2)
+    - c_x sqrt(1 - a); kl = (c_eps / sigma)^2 mean_d (eps - eps_ref)^2. Backward: grad_x = c_x g, grad_noise =
+    sigma g, grad_eps = c_eps g + h (eps - eps_ref), grad_eps_ref = -h (eps - eps_ref), h = 2 grad_kl (c_eps /
+    sigma)^2 / d (kernels/guided_step.py).
+
     Equals diffusers `DDIMScheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample` when alpha_t,
     alpha_prev are that scheduler's cumulative alphas. kl is the method's scaling, (2 / d) times the true Gaussian
-    KL (see `reference.policy_step`), in float32 (float64 for float64 inputs); None when eps_ref is None.
-    Differentiable in x, eps, eps_ref and noise.
+    KL (see `reference.policy_step`), in float32 (float64 for float64 inputs); None when eps_ref is None; 0 for
+    samples with no elements. Differentiable in x, eps, eps_ref and noise.
+
+    Domain (docs/ops.md §5): 0 < alpha_t <= alpha_prev <= 1 per sample and eta >= 0 with sigma^2 <= 1 - alpha_prev
+    (always so at eta <= 1); with eps_ref also eta > 0 and alpha_prev < 1 where alpha_prev > alpha_t (sigma > 0).
+    alpha_t = alpha_prev is the identity step (x_prev = x, kl = 0). Values outside it raise a ValueError naming the
+    argument where they are readable without a host sync (Python floats, CPU tensors); on an accelerator they give
+    NaN for their sample, on every backend.
     """
     check_x(x)
     check_tensor("eps", eps, x)

@@ -12,14 +12,18 @@ import torch
 from torch import Tensor
 
 from sqdf_fast.ops import dispatch, reference
-from sqdf_fast.ops.checks import check_tensor
+from sqdf_fast.ops.checks import check_steps_left, check_tensor
 from sqdf_fast.ops.custom import empty_if_none, none_if_empty
 
 
 def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
               weight: Tensor | None = None) -> Tensor:
     """Scalar mean(weight * (-gamma**k * reward + alpha * kl)); k = denoising steps left after the trained one.
-    Differentiable in reward, kl and weight."""
+    Differentiable in reward, kl and weight: grad_reward = -g weight gamma^k / B, grad_kl = g weight alpha / B,
+    grad_weight = g (-gamma^k reward + alpha kl) / B.
+
+    Domain (docs/ops.md §5): k >= 0, gamma in (0, 1], alpha >= 0. A negative (or NaN) k raises a ValueError where
+    readable without a host sync (a CPU tensor); on an accelerator it makes the loss NaN, on every backend."""
     check_tensor("reward", reward)
     if reward.dim() != 1 or reward.shape[0] == 0:
         raise ValueError(f"reward must have shape (B,) with B > 0, got {tuple(reward.shape)}")
@@ -28,6 +32,7 @@ def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
         raise ValueError(f"k must be a tensor of shape {tuple(reward.shape)}")
     if k.device != reward.device:
         raise ValueError(f"k is on {k.device}, expected {reward.device}")
+    check_steps_left(k)
     if weight is not None:
         check_tensor("weight", weight, reward)
     if not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:

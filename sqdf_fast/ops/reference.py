@@ -1,7 +1,11 @@
 """Torch reference of every SQDF op: the oracle for tests and the `torch` backend.
 
-Works in any floating dtype (float64 for tests). Per-sample schedule values are (B,) tensors or Python floats;
-they are broadcast over the non-batch dimensions, so x may have any shape (B, ...).
+Works in any floating dtype (float64 for tests); the step's per-sample coefficients are computed in float64 whatever
+the dtype (`ddim_coefficients`), then the maths runs in the inputs' dtype. The `torch` backend (the op modules) calls
+these functions on inputs upcast to the compute dtype (float32 for 16-bit inputs) and rounds the results back, as
+the fused backends do. Per-sample schedule values are (B,) tensors or Python floats; they are broadcast over the
+non-batch dimensions, so x may have any shape (B, ...). The domain of each op and its answer at the edges are in
+docs/ops.md §5; outside the domain the reference returns NaN for the sample, as every backend does.
 """
 from __future__ import annotations
 
@@ -15,11 +19,51 @@ def per_sample(value: Tensor | float, like: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
-def ddim_sigma(alpha_t: Tensor | float, alpha_prev: Tensor | float, eta: Tensor | float) -> Tensor:
-    """sigma_j = eta * sqrt((1 - a') / (1 - a) * (1 - a / a')), a, a' the cumulative alphas at t_j and t_{j+1}."""
-    alpha_t = torch.as_tensor(alpha_t)
-    alpha_prev = torch.as_tensor(alpha_prev, dtype=alpha_t.dtype, device=alpha_t.device)
-    return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+def ddim_coefficients(alpha_t: Tensor | float, alpha_prev: Tensor | float,
+                      eta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The step's per-sample coefficients (c_x, c_eps, sigma, ratio), float64 whatever the inputs' dtype (every
+    backend computes them so), with x_prev = c_x x + c_eps eps + sigma noise and ratio = c_eps / sigma.
+
+    With a = alpha_t, a' = alpha_prev, in forms free of cancellation (the fused kernels compute the same sequence):
+
+        r       = (a' - a) / ((1 - a) a')                     in (0, 1]
+        sigma   = eta sqrt((1 - a') r)                        = eta sqrt((1 - a') / (1 - a) (1 - a / a'))
+        v       = (1 - a') ((1 - eta^2) + eta^2 a (1 - a') / ((1 - a) a'))      = 1 - a' - sigma^2
+        c_x     = sqrt(a') / sqrt(a)
+        c_eps   = -((a' - a) / a + sigma^2) / (sqrt(v) + c_x sqrt(1 - a))  = sqrt(1 - a' - sigma^2) - c_x sqrt(1 - a)
+
+    Domain 0 < a <= a' <= 1 with v >= 0 (always so for eta <= 1). At a = a' the step is the identity: c_x = 1,
+    c_eps = sigma = ratio = 0 (the limit a' -> a; the KL (c_eps / sigma)^2 mean (eps - eps_ref)^2 -> 0). Outside the
+    domain all four are NaN; ratio is NaN too where sigma = 0 at a < a' (a' = 1 or eta = 0: a deterministic step,
+    whose KL to another deterministic step is not finite). docs/ops.md §5.
+    """
+    device = next((v.device for v in (alpha_t, alpha_prev) if isinstance(v, Tensor)), None)
+    a, ap = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64, device=device)
+                                      for v in (alpha_t, alpha_prev)))
+    step = (a > 0) & (a < ap) & (ap <= 1)          # a proper step
+    same = (a > 0) & (a == ap) & (ap <= 1)         # the identity
+    a, ap = torch.where(step, a, 0.25), torch.where(step, ap, 0.5)  # stand-ins elsewhere: no branch divides by 0
+    one_a, one_ap, delta, eta2 = 1 - a, 1 - ap, ap - a, eta * eta
+    ratio_r = delta / (one_a * ap)
+    sigma_sq = eta2 * one_ap * ratio_r
+    v = one_ap * ((1 - eta2) + eta2 * (a * one_ap / (one_a * ap)))
+    step = step & (v >= 0)
+    c_x = ap.sqrt() / a.sqrt()
+    c_eps = -(delta / a + sigma_sq) / (v.clamp(min=0).sqrt() + c_x * one_a.sqrt())
+    sigma = eta * (one_ap * ratio_r).sqrt()
+    ratio = torch.where(sigma > 0, c_eps / torch.where(sigma > 0, sigma, 1.0), float("nan"))
+    nan = torch.full_like(a, float("nan"))
+    return tuple(torch.where(step, value, torch.where(same, identity, nan))
+                 for value, identity in ((c_x, 1.0), (c_eps, 0.0), (sigma, 0.0), (ratio, 0.0)))
+
+
+def ddim_sigma(alpha_t: Tensor | float, alpha_prev: Tensor | float, eta: float) -> Tensor:
+    """sigma_j = eta * sqrt((1 - a') / (1 - a) * (1 - a / a')), a, a' the cumulative alphas at t_j and t_{j+1}: 0 at
+    a = a', NaN outside 0 < a <= a' <= 1 (`ddim_coefficients`); computed in float64, returned in alpha_t's dtype
+    (float64 for floats)."""
+    dtype = next((v.dtype for v in (alpha_t, alpha_prev) if isinstance(v, Tensor) and v.is_floating_point()),
+                 torch.float64)
+    return ddim_coefficients(alpha_t, alpha_prev, eta)[2].to(dtype)
 
 
 def tweedie_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float) -> Tensor:
@@ -37,29 +81,32 @@ def ddim_mean(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Tenso
 
 
 def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Tensor | float,
-                eta: Tensor | float, noise: Tensor, eps_ref: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                eta: float, noise: Tensor, eps_ref: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Reparameterised DDIM policy step x_prev = mu(eps) + sigma * noise, and the method's KL to the reference.
 
-    kl (B,) = mean over non-batch dims of (mu(eps) - mu(eps_ref))^2 / sigma^2. The true Gaussian KL between
+    mu(eps) = c_x x + c_eps eps (= `ddim_mean`) with the coefficients of `ddim_coefficients` (float64, then rounded
+    to x's dtype, in which the rest runs). kl (B,) = mean over non-batch dims of (mu(eps) - mu(eps_ref))^2 / sigma^2
+    = (c_eps / sigma)^2 mean (eps - eps_ref)^2, 0 for samples with no elements. The true Gaussian KL between
     N(mu, sigma^2 I) and N(mu_ref, sigma^2 I) is sum_d (mu - mu_ref)^2 / (2 sigma^2), so kl = (2 / d) * KL_true
-    with d the number of non-batch elements (docs/method.md §4.2).
+    with d the number of non-batch elements (docs/method.md §4.2). Edges and the domain: `ddim_coefficients`.
     """
-    alpha_t = torch.as_tensor(alpha_t, dtype=x.dtype, device=x.device)
-    alpha_prev = torch.as_tensor(alpha_prev, dtype=x.dtype, device=x.device)
-    sigma = ddim_sigma(alpha_t, alpha_prev, eta)
-    mu = ddim_mean(x, eps, alpha_t, alpha_prev, sigma)
-    x_prev = mu + per_sample(sigma, x) * noise
+    c_x, c_eps, sigma, ratio = ddim_coefficients(alpha_t, alpha_prev, eta)
+    x_prev = per_sample(c_x, x) * x + per_sample(c_eps, x) * eps + per_sample(sigma, x) * noise
     if eps_ref is None:
         return x_prev, None
-    mu_ref = ddim_mean(x, eps_ref, alpha_t, alpha_prev, sigma)
-    kl = (mu - mu_ref).square().reshape(x.shape[0], -1).mean(1) / torch.broadcast_to(sigma, (x.shape[0],)).square()
-    return x_prev, kl
+    batch = x.shape[0]
+    mean_sq = ((eps - eps_ref).square().reshape(batch, -1).mean(1) if x[0].numel() > 0
+               else x.new_zeros(batch))
+    return x_prev, ratio.square().to(x.dtype).reshape(-1) * mean_sq
 
 
 def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
               weight: Tensor | None = None) -> Tensor:
-    """mean(weight * (-gamma^k * reward + alpha * kl)): the discount applies to the reward term only."""
-    discount = torch.pow(torch.as_tensor(gamma, dtype=reward.dtype, device=reward.device), k.to(reward.dtype))
+    """mean(weight * (-gamma^k * reward + alpha * kl)): the discount applies to the reward term only. k >= 0 (steps
+    left); a negative k makes its discount NaN (on every backend: docs/ops.md §5)."""
+    k = k.to(reward.dtype)
+    discount = torch.where(k >= 0, torch.pow(torch.as_tensor(gamma, dtype=reward.dtype, device=reward.device), k),
+                           float("nan"))
     per_sample_loss = -discount * reward + alpha * kl
     if weight is not None:
         per_sample_loss = weight * per_sample_loss
@@ -83,5 +130,8 @@ def guided_policy_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, w
 
 def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tensor | float,
                    c_out: Tensor | float) -> Tensor:
-    """Consistency-model boundary form c_skip x + c_out x0_hat(x, eps) (LCM); Tweedie when c_skip = 0, c_out = 1."""
-    return per_sample(c_skip, x) * x + per_sample(c_out, x) * tweedie_x0(x, eps, alpha_t)
+    """Consistency-model boundary form c_skip x + c_out x0_hat(x, eps) (LCM); Tweedie when c_skip = 0, c_out = 1.
+    Domain 0 < alpha_t <= 1: a sample outside it gets NaN (on every backend: docs/ops.md §5)."""
+    a = per_sample(alpha_t, x)
+    a = torch.where((a > 0) & (a <= 1), a, float("nan"))
+    return per_sample(c_skip, x) * x + per_sample(c_out, x) * tweedie_x0(x, eps, a)

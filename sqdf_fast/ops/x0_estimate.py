@@ -19,7 +19,12 @@ from sqdf_fast.ops.custom import empty_if_none, none_if_empty
 def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tensor | float | None = None,
                    c_out: Tensor | float | None = None) -> Tensor:
     """c_skip x + c_out (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t): a consistency model's boundary form (LCM)
-    around an epsilon network; plain Tweedie when c_skip, c_out are None. Differentiable in x and eps."""
+    around an epsilon network; plain Tweedie when c_skip, c_out are None. Differentiable in x and eps: grad_x =
+    (c_skip + c_out / sqrt(a)) g, grad_eps = -c_out sqrt(1 - a) / sqrt(a) g.
+
+    Domain (docs/ops.md §5): 0 < alpha_t <= 1 (alpha_t = 1: x0 = x), c_skip and c_out not NaN. Values outside it
+    raise a ValueError naming the argument where readable without a host sync (Python floats, CPU tensors); on an
+    accelerator an alpha_t outside it gives NaN for its sample, on every backend."""
     check_x(x)
     check_tensor("eps", eps, x)
     alpha_t = per_sample("alpha_t", alpha_t, x, 0.0, 1.0)
@@ -27,16 +32,17 @@ def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tens
                      for name, value in (("c_skip", c_skip), ("c_out", c_out)))
     backend = dispatch.backend_of(x)
     x, eps = x.contiguous(), eps.contiguous()
-    if backend == "torch":
-        return reference.consistency_x0(x, eps, alpha_t, 0.0 if c_skip is None else c_skip,
-                                        1.0 if c_out is None else c_out)
+    if backend == "torch":  # in the compute dtype, as the fused backends: 16-bit inputs upcast, results rounded back
+        return reference.consistency_x0(x.to(alpha_t.dtype), eps.to(alpha_t.dtype), alpha_t,
+                                        0.0 if c_skip is None else c_skip, 1.0 if c_out is None else c_out).to(x.dtype)
     if torch.compiler.is_compiling():
         return _x0_estimate_op(x, eps, alpha_t, c_skip, c_out, backend)
     return _X0Estimate.apply(dispatch.launchers(backend), x, eps, alpha_t, c_skip, c_out)
 
 
 def tweedie_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float) -> Tensor:
-    """Posterior-mean estimate x0_hat = (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t); differentiable in x and eps."""
+    """Posterior-mean estimate x0_hat = (x - sqrt(1 - alpha_t) eps) / sqrt(alpha_t); differentiable in x and eps.
+    Domain and edges as `consistency_x0`."""
     return consistency_x0(x, eps, alpha_t)
 
 
