@@ -42,10 +42,10 @@ def save_diffusers_lora(unet: nn.Module, directory: Path) -> Path:
 
 def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """The LoRA of a run's checkpoint (SD-style tasks), rebuilt on the run's task and written in diffusers' format."""
+    from diffusers import UNet2DConditionModel
+
     from sqdf_fast import checkpoint, config, tasks
     from sqdf_fast.adapters import add_policy_lora, load_adapter_state_dict
-
-    from diffusers import UNet2DConditionModel
 
     what = f"run_dir={str(run_dir)!r}"
     saved = Path(run_dir) / "config.json"

@@ -80,18 +80,3 @@ def sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def read_jsonl(path: Path, what: str) -> list[dict]:
-    """The rows of a JSON-lines file; ValueError naming `what`, the file and the line of the first bad row."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what}: {path} line {number} is not JSON ({err.msg}): the file is damaged") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{what}: {path} line {number} is not a JSON object: the file is damaged")
-        rows.append(row)
-    return rows
