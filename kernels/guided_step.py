@@ -93,9 +93,10 @@ def _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta):
 
 
 @triton.jit
-def _kl_scale(ratio, D, CT: tl.constexpr):
-    """ratio^2 / D in the compute dtype: kl = scale sum_D diff^2, and dkl / d(diff) = 2 scale diff."""
-    return (ratio * ratio / D).to(CT)
+def _kl(ratio, total, D, CT: tl.constexpr):
+    """kl = ratio^2 total / D from the sum of diff^2, in float64 as the C++ backend (ratio^2 alone may overflow the
+    compute dtype where the KL does not), rounded to the compute dtype."""
+    return (ratio * ratio * total.to(tl.float64) / D).to(CT)
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def _forward_kernel(x_ptr, eps_c_ptr, eps_u_ptr, ref_c_ptr, ref_u_ptr, noise_ptr
             tl.static_assert(TILE == COLS)
             tl.store(kl_ptr + tl.program_id(0) + tl.arange(0, 1), total)
         else:
-            tl.store(kl_ptr + rows, total * _kl_scale(ratio, D, CT), mask=rows < B)
+            tl.store(kl_ptr + rows, _kl(ratio, total, D, CT), mask=rows < B)
 
 
 # Without a reference the forward is elementwise: autotuned like the backward (same kernel, other launch configs).
@@ -158,7 +159,7 @@ def _kl_finalize_kernel(partials_ptr, alpha_t_ptr, alpha_prev_ptr, kl_ptr, B, D,
         mask = (rows < B)[:, None] & (start + cols < n_chunks)[None, :]
         acc += tl.load(row_ptrs + start + cols[None, :], mask=mask, other=0.0)
     ratio = _ddim_coefficients(alpha_t_ptr, alpha_prev_ptr, rows, B, eta)[3]
-    tl.store(kl_ptr + rows, tl.sum(acc, axis=1) * _kl_scale(ratio, D, CT), mask=rows < B)
+    tl.store(kl_ptr + rows, _kl(ratio, tl.sum(acc, axis=1), D, CT), mask=rows < B)
 
 
 @triton.jit

@@ -4,6 +4,8 @@ gradcheck in float64; bad input. The step against diffusers is in test_step_math
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from ops_common import (  # noqa: F401 (serial_torch_unless_cpp: an autouse fixture)
@@ -19,7 +21,7 @@ from ops_common import (  # noqa: F401 (serial_torch_unless_cpp: an autouse fixt
 )
 
 from sqdf_fast import ops
-from sqdf_fast.ops import reference
+from sqdf_fast.ops import dispatch, reference
 
 
 def step_case(gen, shape, dtype, layout, guided: bool, with_ref: bool):
@@ -121,10 +123,23 @@ def test_rollout_step_is_the_step_without_autograd_and_kl_in_nats(backend, gen):
 # bad input on every backend: ValueError naming the argument, before any work ---------------------------------------
 def _bad_alphas():
     values = {"0": 0.0, "1.5": 1.5, "negative": -0.2, "cpu tensor with 0": torch.tensor([0.5, 0.0], dtype=F64),
-              "wrong length": torch.full((3,), 0.5, dtype=F64)}
+              "wrong length": torch.full((3,), 0.5, dtype=F64), "NaN": torch.tensor([0.5, math.nan], dtype=F64)}
     for name in ("alpha_t", "alpha_prev"):
         for label, value in values.items():
             yield pytest.param({name: value}, name, id=f"{name} {label}")
+    # the domain's order (docs/ops.md §5): a step removes noise; the error names alpha_prev
+    order = "^alpha_prev must be >= alpha_t"
+    yield pytest.param(dict(alpha_t=0.6, alpha_prev=0.5), order, id="alpha_prev < alpha_t floats")
+    yield pytest.param(dict(alpha_t=torch.tensor([0.3, 0.6], dtype=F64), alpha_prev=torch.tensor([0.4, 0.5])),
+                       order, id="alpha_prev < alpha_t in one sample")
+    yield pytest.param(dict(alpha_t=torch.tensor(0.55), alpha_prev=torch.tensor([0.6, 0.5], dtype=F64)), order,
+                       id="alpha_prev < alpha_t scalar tensor")
+    # sigma = 0 with a reference: the step to alpha_prev = 1 is deterministic and the KL divides by sigma^2
+    yield pytest.param(dict(alpha_prev=1.0), "^alpha_prev must be < 1", id="alpha_prev 1 with eps_ref")
+    yield pytest.param(dict(alpha_t=torch.tensor([0.5, 1.0]), alpha_prev=torch.tensor([1.0, 1.0])),
+                       "^alpha_prev must be < 1", id="alpha_prev 1 with eps_ref in one sample")
+    # eta > 1 where sigma^2 > 1 - alpha_prev: sqrt(1 - alpha_prev - sigma^2) is not real
+    yield pytest.param(dict(alpha_t=0.01, alpha_prev=0.1, eta=1.2), "^eta = 1.2 gives sigma", id="eta 1.2 too big")
 
 
 @pytest.mark.parametrize("override, match", [
@@ -159,3 +174,133 @@ def test_guided_step_rejects_bad_input(backend, override, match):
                 alpha_prev=0.6, eta=1.0, noise=zeros(2, 3), eps_ref_cond=zeros(2, 3), eps_ref_uncond=zeros(2, 3))
     with pytest.raises(ValueError, match=match):
         ops.guided_policy_step(**{**args, **override})
+
+
+@pytest.mark.parametrize("alpha_t, alpha_prev, eta", [(0.5, 0.6, 1.2), (0.01, 0.1, 1.0), (0.3, 0.3, 1.0),
+                                                      (1.0, 1.0, 0.5), (2.0 ** -149, 0.5, 1.0)])
+def test_policy_step_accepts_the_domain(backend, alpha_t, alpha_prev, eta):
+    """Inside the domain: eta > 1 where sigma^2 <= 1 - alpha_prev, equal alphas (the identity, also at the clean
+    end), the smallest float32 alpha."""
+    x = zeros(2, 3)
+    _, kl = ops.policy_step(x, x, alpha_t, alpha_prev, eta, x, x)
+    assert torch.isfinite(kl).all()
+
+
+def test_alphas_are_checked_as_the_kernels_read_them(backend):
+    """A positive float64 alpha that float32 rounds to 0 is rejected for float32 inputs, accepted for float64."""
+    x = zeros(2, 3)
+    for value in (1e-50, torch.tensor([1e-50, 0.5], dtype=F64)):
+        with pytest.raises(ValueError, match="^alpha_t must lie in"):
+            ops.policy_step(x, x, value, 0.6, 1.0, x)
+        ops.policy_step(x.double(), x.double(), value, 0.6, 1.0, x.double())
+
+
+# the domain's edges (docs/ops.md §5) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_equal_alphas_are_the_identity_step(backend, gen, dtype):
+    """alpha_t = alpha_prev (the clean end 1 = 1 included): x_prev = x exactly, kl = 0, and the gradients are those
+    of the identity, the limits as alpha_prev -> alpha_t. The step maths gives 0 / 0 there without the rule."""
+    shape = (3, 2, 5)
+    a = torch.tensor([0.3, 1.0, 0.999], dtype=F64)
+    x, eps, ref, noise = (make(gen, shape, dtype).requires_grad_() for _ in range(4))
+    x_prev, kl = ops.policy_step(x, eps, a, a, 0.7, noise, ref)
+    assert torch.equal(x_prev, x) and torch.equal(kl, torch.zeros_like(kl))
+    g = make(gen, shape, dtype)
+    grads = torch.autograd.grad((x_prev * g).sum() + kl.sum(), (x, eps, ref, noise))
+    for got, want in zip(grads, (g, zeros(*shape, dtype=dtype), zeros(*shape, dtype=dtype),
+                                 zeros(*shape, dtype=dtype))):
+        assert torch.equal(got, want)
+    # the limit: a step to alpha_prev slightly above alpha_t is close to the identity, its KL close to 0
+    x_near, kl_near = ops.policy_step(x.detach().double(), eps.detach().double(), a, a * (1 - 1e-9) + 1e-9, 0.7,
+                                      noise.detach().double(), ref.detach().double())
+    torch.testing.assert_close(x_near, x.detach().double(), rtol=0, atol=1e-3)
+    assert bool((kl_near < 1e-6).all())
+
+
+def test_step_to_alpha_one_without_reference(backend, gen):
+    """alpha_prev = 1 (diffusers' set_alpha_to_one): sigma = 0, the step lands on Tweedie's x0 whatever eta."""
+    x, eps, noise = (make(gen, (2, 3, 4), F64) for _ in range(3))
+    a = torch.tensor([0.2, 0.9], dtype=F64)
+    x_prev, kl = ops.policy_step(x, eps, a, 1.0, 0.8, noise)
+    assert kl is None
+    torch.testing.assert_close(x_prev, reference.tweedie_x0(x, eps, a), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_schedule_is_finite_and_accurate(backend, gen, dtype):
+    """a = 3.8e-5 to a' = 0.99982 at eta 1: 1 - a' - sigma^2 (1.2e-12) cancels to below 0 in float32 (NaN before the
+    coefficients were computed in float64 without cancellation); every backend now agrees with float64."""
+    args = step_case(gen, (2, 3, 8), dtype, "contiguous", True, True)
+    args.update(alpha_t=torch.tensor([3.8e-5, 3.8e-5]), alpha_prev=torch.tensor([0.99982, 0.99982]), eta=1.0)
+    x_prev, kl = ops.guided_policy_step(**args)
+    assert torch.isfinite(x_prev).all() and torch.isfinite(kl).all()
+    exact_x_prev, exact_kl = run_reference(as_f64(args), F64)
+    plain_x_prev, _ = run_reference(args, dtype)
+    _, plain_kl = run_reference({k: (v.to(kl.dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                                kl.dtype)
+    assert_precision("x_prev", x_prev, exact_x_prev, plain_x_prev, dtype)
+    assert_precision("kl", kl, exact_kl, plain_kl, kl.dtype)
+
+
+def test_samples_with_no_elements(backend):
+    """D = 0: x_prev is empty and the KL is 0 (nothing differs; the C++ backend used to return uninitialised memory,
+    the reference NaN, Triton raised); the rollout's KL in nats too; backward runs."""
+    x = zeros(3, 2, 0).requires_grad_()
+    x_prev, kl = ops.policy_step(x, x, torch.tensor([0.2, 0.5, 0.7]), 0.8, 1.0, x, x)
+    assert x_prev.shape == (3, 2, 0) and torch.equal(kl, torch.zeros(3))
+    assert torch.equal(ops.rollout_step(x, x, None, 1.0, 0.2, 0.8, 1.0, x, x)[1], torch.zeros(3))
+    (grad,) = torch.autograd.grad(x_prev.sum() + kl.sum(), x)
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_torch_backend_computes_16_bit_inputs_in_float32(gen, dtype):
+    """The reference backend upcasts 16-bit inputs and rounds its results back, as the fused backends: in float16 /
+    bfloat16 arithmetic alphas near 1 round to 1 and the KL was off by up to 1000% or not finite."""
+    args = step_case(gen, (4, 3, 16), dtype, "contiguous", True, True)
+    args.update(alpha_t=torch.tensor([0.9990, 0.9993, 0.5, 0.01]), alpha_prev=torch.tensor([0.9995, 0.9996, 0.6, 0.4]))
+    with ops.use_backend("torch"):
+        x_prev, kl = ops.guided_policy_step(**args)
+    assert x_prev.dtype == dtype and kl.dtype == torch.float32
+    exact_x_prev, exact_kl = run_reference(as_f64(args), F64)
+    torch.testing.assert_close(kl.double(), exact_kl, rtol=1e-5, atol=0)
+    # one rounding to the 16-bit dtype (half an ulp), plus float32 arithmetic
+    ulp = torch.finfo(dtype).eps * exact_x_prev.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool(((x_prev.double() - exact_x_prev).abs() <= ulp / 2 + 1e-5 * exact_x_prev.abs().max()).all())
+
+
+def _launchers(name: str):
+    if name == "torch":
+        return None
+    try:
+        return dispatch.launchers(name)
+    except Exception as err:  # noqa: BLE001 -- a backend that cannot load here
+        pytest.skip(f"{name} launchers unavailable: {err}")
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("name", ("torch", "cpp", "triton"))
+def test_outside_the_domain_every_backend_gives_nan(name, gen):
+    """What reaches a kernel unchecked (device tensors are not read: docs/ops.md §5): a sample outside the domain
+    gets NaN in x_prev and kl, the same on every backend; the others are unaffected. Called below the checks."""
+    if name == "triton" and dispatch.triton_status("cpu")[0] is False:
+        pytest.skip("triton not in interpreter mode")
+    launch = _launchers(name)
+    #           ok    a > a'  a = 0  a' > 1  a = a'  a' = 1 (kl only)  eta = 1.2 too big
+    a = torch.tensor([0.3, 0.6, 0.0, 0.5, 0.4, 0.5, 0.01])
+    ap = torch.tensor([0.5, 0.5, 0.5, 1.5, 0.4, 1.0, 0.1])
+    x, eps, ref, noise = (make(gen, (7, 5), torch.float32) for _ in range(4))
+    results = []
+    for eta in (1.0, 1.2):
+        if launch is None:
+            x_prev, kl = reference.guided_policy_step(x, eps, None, 1.0, a, ap, eta, noise, ref)
+        else:
+            x_prev, kl = launch.guided_step_forward(x, eps, None, ref, None, noise, a, ap, eta, 1.0)
+        results.append((x_prev, kl))
+    x_prev, kl = results[0]
+    nan_rows = torch.tensor([False, True, True, True, False, False, False])
+    assert bool(x_prev[nan_rows].isnan().all()) and bool(x_prev[~nan_rows].isfinite().all())
+    assert kl.isnan().tolist() == [False, True, True, True, False, True, False]
+    assert kl[4] == 0
+    x_prev, kl = results[1]   # at eta = 1.2 the last sample leaves the domain (sigma^2 > 1 - alpha_prev)
+    assert bool(x_prev[6].isnan().all()) and bool(kl[6].isnan()) and bool(x_prev[0].isfinite().all())

@@ -3,12 +3,14 @@ reference; the discount applies to the reward only; gradcheck in float64; bad in
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from ops_common import F64, serial_torch_unless_cpp, zeros  # noqa: F401 (serial_torch_unless_cpp: an autouse fixture)
 
 from sqdf_fast import ops
-from sqdf_fast.ops import reference
+from sqdf_fast.ops import dispatch, reference
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -58,9 +60,30 @@ def test_gradcheck_sqdf_loss(backend, gen):
     pytest.param(dict(kl=zeros(3, dtype=F64)), "^kl", id="kl shape"),
     pytest.param(dict(k=torch.arange(3)), "^k ", id="k shape"),
     pytest.param(dict(weight=zeros(2, dtype=F64)), "^weight", id="weight shape"),
+    pytest.param(dict(k=torch.tensor([3, 2, -1, 0])), "^k must be >= 0", id="negative k"),
+    pytest.param(dict(k=torch.tensor([3.0, math.nan, 1.0, 0.0])), "^k must be >= 0", id="NaN k"),
+    pytest.param(dict(k=torch.tensor([-0.5, 2.0, 1.0, 0.0], dtype=F64)), "^k must be >= 0", id="negative float k"),
 ])
 def test_sqdf_loss_rejects_bad_input(backend, override, match):
     args = dict(reward=zeros(4, dtype=F64), kl=zeros(4, dtype=F64), k=torch.arange(4), gamma=0.9, alpha=0.1,
                 weight=None)
     with pytest.raises(ValueError, match=match):
         ops.sqdf_loss(**{**args, **override})
+
+
+@pytest.mark.parametrize("name", ("torch", "cpp", "triton"))
+def test_negative_k_unchecked_gives_nan(name, gen):
+    """A k on a device is not read (docs/ops.md §5): below the checks, a negative k makes the loss NaN on every
+    backend (gamma^k would otherwise be a silent > 1 'discount'), and its sample's reward and weight gradients."""
+    if name == "triton" and dispatch.triton_status("cpu")[0] is False:
+        pytest.skip("triton not in interpreter mode")
+    reward, kl, weight = (torch.randn(4, generator=gen, dtype=F64) for _ in range(3))
+    k = torch.tensor([3.0, -1.0, 0.0, 2.0], dtype=F64)
+    if name == "torch":
+        assert reference.sqdf_loss(reward, kl, k, 0.9, 0.5, weight).isnan()
+        return
+    launch = dispatch.launchers(name)
+    assert launch.sqdf_loss_forward(reward, kl, k, 0.9, 0.5, weight).isnan()
+    g_reward, g_kl, g_weight = launch.sqdf_loss_backward(torch.ones((), dtype=F64), reward, kl, k, 0.9, 0.5, weight,
+                                                         True, True, True)
+    assert g_reward.isnan().tolist() == [False, True, False, False] and g_weight.isnan()[1] and g_kl.isfinite().all()

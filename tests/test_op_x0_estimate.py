@@ -21,7 +21,7 @@ from ops_common import (  # noqa: F401 (serial_torch_unless_cpp: an autouse fixt
 )
 
 from sqdf_fast import ops
-from sqdf_fast.ops import reference
+from sqdf_fast.ops import dispatch, reference
 
 
 @pytest.mark.parametrize("scalings", [False, True], ids=["tweedie", "consistency"])
@@ -50,12 +50,10 @@ def test_x0_estimate_forward_backward(backend, gen, dtype, shape, layout, scalin
 @pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # inf and NaN inputs, on purpose
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_16_bit_outputs_round_to_nearest_even(backend, gen, dtype):
-    """The fused backends compute in fp32 and round once: x0 with c_skip = s and c_out = 0 is s * x, so every
-    16-bit value must survive s = 1 bitwise (NaN stays NaN), and any product must round exactly as torch rounds it
-    (ties to even, overflow to inf, gradual underflow). The Triton interpreter truncates to bf16, so this also
-    checks the kernels' explicit rounding there."""
-    if backend == "torch":
-        pytest.skip("the reference computes in the input dtype")
+    """Every backend computes in fp32 and rounds once (the torch backend upcasts its 16-bit inputs): x0 with
+    c_skip = s and c_out = 0 is s * x, so every 16-bit value must survive s = 1 bitwise (NaN stays NaN), and any
+    product must round exactly as torch rounds it (ties to even, overflow to inf, gradual underflow). The Triton
+    interpreter truncates to bf16, so this also checks the kernels' explicit rounding there."""
     every_value = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)[:, None]
     half, zero = torch.full((every_value.shape[0],), 0.5), torch.zeros(every_value.shape[0])
     same = ops.consistency_x0(every_value, torch.ones_like(every_value), half, half * 2, zero)
@@ -85,9 +83,48 @@ def test_gradcheck_x0_estimate(backend, gen):
 @pytest.mark.parametrize("override, match", [
     pytest.param(dict(eps=zeros(2, 4)), "^eps has shape", id="eps shape"),
     pytest.param(dict(alpha_t=0.0), "alpha_t", id="alpha_t=0"),
+    pytest.param(dict(alpha_t=1e-50), "^alpha_t must lie in", id="alpha_t 0 in float32"),
+    pytest.param(dict(alpha_t=torch.tensor([0.5, math.nan])), "^alpha_t must lie in", id="alpha_t NaN"),
+    pytest.param(dict(alpha_t=torch.tensor([0.5, 1.5])), "^alpha_t must lie in", id="alpha_t 1.5"),
     pytest.param(dict(alpha_t=torch.full((3,), 0.5, dtype=F64)), "alpha_t", id="alpha_t length"),
     pytest.param(dict(x=zeros(0, 3), eps=zeros(0, 3)), "^x must have a non-empty batch", id="empty batch"),
 ])
 def test_tweedie_rejects_bad_input(backend, override, match):
     with pytest.raises(ValueError, match=match):
         ops.tweedie_x0(**{**dict(x=zeros(2, 3), eps=zeros(2, 3), alpha_t=0.5), **override})
+
+
+# the domain's edges (docs/ops.md §5) ------------------------------------------------------------------------------
+def test_x0_at_the_domain_edges(backend, gen):
+    """alpha_t = 1 (the clean end): x0 = x exactly; a tiny alpha_t stays finite; no elements per sample runs."""
+    x, eps = (make(gen, (3, 2, 4), torch.float32) for _ in range(2))
+    assert torch.equal(ops.tweedie_x0(x, eps, 1.0), x)
+    a = torch.tensor([1e-30, 3.8e-5, 1.0])
+    torch.testing.assert_close(ops.tweedie_x0(x, eps, a).double(),
+                               reference.tweedie_x0(x.double(), eps.double(), a.double()), rtol=1e-6, atol=0)
+    empty = zeros(3, 0).requires_grad_()
+    out = ops.consistency_x0(empty, empty, a, 0.5, 2.0)
+    assert out.shape == (3, 0) and torch.autograd.grad(out.sum(), empty)[0].shape == (3, 0)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("name", ("torch", "cpp", "triton"))
+def test_outside_the_domain_every_backend_gives_nan(name, gen):
+    """Unchecked values (on a device they are not read: docs/ops.md §5) outside 0 < alpha_t <= 1 give NaN for their
+    sample on every backend, a = 0 included (where the formula gives infinities); called below the checks."""
+    if name == "triton" and dispatch.triton_status("cpu")[0] is False:
+        pytest.skip("triton not in interpreter mode")
+    a = torch.tensor([0.5, 0.0, -0.5, 1.5, 1.0])
+    x, eps = make(gen, (5, 3), torch.float32), make(gen, (5, 3), torch.float32)
+    c_skip = torch.full((5,), 0.25)
+    if name == "torch":
+        x0 = reference.consistency_x0(x, eps, a, c_skip, 1.0)
+        grad_x = None
+    else:
+        launch = dispatch.launchers(name)
+        x0 = launch.x0_estimate_forward(x, eps, a, c_skip, None)
+        grad_x, _ = launch.x0_estimate_backward(torch.ones_like(x), a, c_skip, None, True, True)
+    nan_rows = torch.tensor([False, True, True, True, False])
+    assert bool(x0[nan_rows].isnan().all()) and bool(x0[~nan_rows].isfinite().all())
+    if grad_x is not None:
+        assert bool(grad_x[nan_rows].isnan().all()) and bool(grad_x[~nan_rows].isfinite().all())

@@ -5,6 +5,9 @@ Everything runs in float64 so that agreement can be asserted to rounding error, 
 from __future__ import annotations
 
 import functools
+import math
+from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import pytest
 import torch
@@ -190,3 +193,61 @@ def test_kl_is_scaled_gaussian_kl(gen, backend, shape, layout, eta):
     # fused form: mu - mu_ref = c (eps - eps_ref), c = sqrt(1 - a' - sigma^2) - sqrt(a' (1 - a) / a)
     c = (1 - a_prev - sigma.square()).sqrt() - (a_prev * (1 - a) / a).sqrt()
     assert_close(kl, (c / sigma).square() * (eps - eps_ref).square().reshape(batch, -1).mean(1), **TIGHT)
+
+
+# the coefficients in float64, at the domain's edges (docs/ops.md §5) -----------------------------------------------
+def exact_coefficients(a: float, a_prev: float, eta: float) -> list[float]:
+    """(c_x, c_eps, sigma, c_eps / sigma) of float64 inputs to ~80 digits: rational arithmetic, square roots in
+    decimal. c_eps here is the textbook difference sqrt(1 - a' - sigma^2) - c_x sqrt(1 - a), whose cancellation the
+    extra digits absorb."""
+    big_a, big_p, big_e = Fraction(a), Fraction(a_prev), Fraction(eta)
+    sigma_sq = big_e * big_e * (1 - big_p) * (big_p - big_a) / ((1 - big_a) * big_p)
+    with localcontext() as ctx:
+        ctx.prec = 80
+
+        def dec(f: Fraction) -> Decimal:
+            return Decimal(f.numerator) / Decimal(f.denominator)
+
+        c_x = (dec(big_p) / dec(big_a)).sqrt()
+        c_eps = dec(1 - big_p - sigma_sq).sqrt() - c_x * dec(1 - big_a).sqrt()
+        sigma = dec(sigma_sq).sqrt()
+        return [float(v) for v in (c_x, c_eps, sigma, c_eps / sigma if sigma else Decimal("nan"))]
+
+
+def _next_up(value: float, dtype: torch.dtype) -> float:
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(2.0, dtype=dtype)))
+
+
+EDGE_SCHEDULES = {
+    "ordinary": (0.3, 0.6), "issue 14: a = 3.8e-5 to a' = 0.99982": (3.8e-5, 0.99982),
+    "tiny a": (1e-30, 0.5), "tiny both": (1e-20, 3e-20), "near 1": (1 - 2.0 ** -40, 1 - 2.0 ** -42),
+    "adjacent float32": (0.7, _next_up(0.7, torch.float32)), "adjacent float64": (0.7, _next_up(0.7, F64)),
+    "to 1": (0.2, 1.0),
+}
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0, 1.3])
+@pytest.mark.parametrize("schedule", EDGE_SCHEDULES)
+def test_ddim_coefficients_to_float64_rounding(schedule, eta):
+    """reference.ddim_coefficients (the forms and order of operations every backend uses) is within a few float64
+    ulps of the exact coefficients, where the textbook formulas lose most of their digits to cancellation."""
+    a, a_prev = EDGE_SCHEDULES[schedule]
+    got = [float(v) for v in reference.ddim_coefficients(a, a_prev, eta)]
+    if eta > 1 and eta * eta * (a_prev - a) > (1 - a) * a_prev and a_prev < 1:  # sigma^2 > 1 - a': outside
+        assert all(math.isnan(v) for v in got)
+        return
+    want = exact_coefficients(a, a_prev, eta)
+    for name, g, w in zip(("c_x", "c_eps", "sigma", "ratio"), got, want):
+        if math.isnan(w):
+            assert math.isnan(g), name   # sigma = 0 at a < a': the KL's ratio is not defined
+        else:
+            assert g == pytest.approx(w, rel=1e-14, abs=0), name
+
+
+def test_ddim_coefficients_at_equal_alphas_and_outside():
+    """a = a' (the clean end 1 = 1 included) is the identity; outside 0 < a <= a' <= 1 everything is NaN."""
+    a = torch.tensor([0.4, 1.0, 0.5, 0.0, 0.5, 1.2], dtype=F64)
+    a_prev = torch.tensor([0.4, 1.0, 0.4, 0.5, 1.5, 1.2], dtype=F64)
+    for got, identity in zip(reference.ddim_coefficients(a, a_prev, 0.8), (1.0, 0.0, 0.0, 0.0)):
+        assert got[:2].tolist() == [identity] * 2 and bool(got[2:].isnan().all())
+    assert reference.ddim_sigma(a, a_prev, 0.8)[:2].tolist() == [0.0, 0.0]

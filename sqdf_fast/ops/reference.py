@@ -97,7 +97,8 @@ def policy_step(x: Tensor, eps: Tensor, alpha_t: Tensor | float, alpha_prev: Ten
     batch = x.shape[0]
     mean_sq = ((eps - eps_ref).square().reshape(batch, -1).mean(1) if x[0].numel() > 0
                else x.new_zeros(batch))
-    return x_prev, ratio.square().to(x.dtype).reshape(-1) * mean_sq
+    # the per-sample product in float64, as the fused kernels: the scale alone may overflow where the KL does not
+    return x_prev, (ratio.square().reshape(-1) * mean_sq.double()).to(x.dtype)
 
 
 def sqdf_loss(reward: Tensor, kl: Tensor, k: Tensor, gamma: float, alpha: float,
@@ -131,7 +132,12 @@ def guided_policy_step(x: Tensor, eps_cond: Tensor, eps_uncond: Tensor | None, w
 def consistency_x0(x: Tensor, eps: Tensor, alpha_t: Tensor | float, c_skip: Tensor | float,
                    c_out: Tensor | float) -> Tensor:
     """Consistency-model boundary form c_skip x + c_out x0_hat(x, eps) (LCM); Tweedie when c_skip = 0, c_out = 1.
-    Domain 0 < alpha_t <= 1: a sample outside it gets NaN (on every backend: docs/ops.md §5)."""
-    a = per_sample(alpha_t, x)
+
+    Computed as p x + q eps with p = c_skip + c_out / sqrt(a), q = -c_out sqrt(1 - a) / sqrt(a) per sample in
+    float64 (as the fused kernels), then rounded to x's dtype. Domain 0 < alpha_t <= 1: a sample outside it gets
+    NaN (on every backend: docs/ops.md §5)."""
+    a, skip, out = (torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in (alpha_t, c_skip, c_out))
     a = torch.where((a > 0) & (a <= 1), a, float("nan"))
-    return per_sample(c_skip, x) * x + per_sample(c_out, x) * tweedie_x0(x, eps, a)
+    p = skip + out / a.sqrt()
+    q = -out * (1 - a).sqrt() / a.sqrt()
+    return per_sample(p, x) * x + per_sample(q, x) * eps
