@@ -119,6 +119,9 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# options only some built-in tasks read: given to another built-in task they would be silently ignored, so refused
+TASK_OPTIONS = {"model": ("digits", "sd"), "prompts": ("sd", "sd-random"), "resolution": ("sd", "sd-random"),
+                "weights_dtype": ("sd", "sd-random"), "consistency": ("sd", "sd-random")}
 # The options a resume may change, with their effect; every other option is refused on resume (the checkpoint's
 # adapter, optimizer state, replay buffer and base evaluation were made under the saved values).
 RESUMABLE = {
@@ -291,6 +294,10 @@ def validate(cfg: TrainConfig) -> None:
         choices = f.metadata["choices"]
         if choices and getattr(cfg, name) not in choices:
             raise ValueError(f"{name}={getattr(cfg, name)!r}: must be one of {', '.join(choices)}")
+    for name, readers in TASK_OPTIONS.items():
+        if cfg.task in BUILTIN and cfg.task not in readers and getattr(cfg, name) != FIELDS[name].default:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: task {cfg.task!r} does not use it (only "
+                             f"{', '.join(readers)} do)")
     if cfg.model is not None and not Path(cfg.model).exists():
         raise ValueError(f"model={cfg.model!r}: no such folder")
     if cfg.out is not None:

@@ -184,6 +184,7 @@ TRAIN_CASES = {
     "reward integer": (lambda t: ["--reward", "rewards_for_tests:integer"], "returned a torch.int64 tensor"),
     "reward detached": (lambda t: ["--reward", "rewards_for_tests:detached"], "carries no gradient to the images"),
     "reward unknown": (lambda t: ["--reward", "nope"], "reward='nope': unknown reward"),
+    "option the task ignores": (lambda t: ["--resolution", "64"], "resolution=64: task 'digits' does not use it"),
     "bad choice": (lambda t: ["--method", "ppo"], "argument --method: invalid choice"),
     "not a number": (lambda t: ["--steps", "many"], "argument --steps: invalid int value"),
 }
