@@ -71,6 +71,12 @@ def step_alphas(alpha_t, alpha_prev, x: Tensor, eta: float, has_ref: bool) -> tu
         at = _check_alpha_float("alpha_t", alpha_t, a.dtype)
     if not isinstance(alpha_prev, Tensor):
         prev = _check_alpha_float("alpha_prev", alpha_prev, a.dtype)
+    if (isinstance(at, Tensor) or isinstance(prev, Tensor)) and readable(a) and a.shape[0] == 1:
+        at, prev = float(a), float(ap)  # one sample: read its values directly (a reduction costs more)
+        if not (0 < at <= 1):
+            raise ValueError(f"alpha_t must lie in (0.0, 1.0], got {at}")
+        if not (0 < prev <= 1):
+            raise ValueError(f"alpha_prev must lie in (0.0, 1.0], got {prev}")
     if isinstance(at, Tensor) or isinstance(prev, Tensor):
         if not readable(a):
             return a, ap
