@@ -19,7 +19,16 @@ and the mean cosine between the gradients, over all points and over the "split" 
 and 0.8 of its mass on the upper-half modes (mode means with y > 0; the modes at 0 and 180 degrees sit on the
 boundary and count as neither). The JSON also has the same over points split on the lower-half modes, each
 transition's policy variance sigma_j^2 (eta = 1: the optimal step moves the mean by sigma_j^2 grad Q / alpha), and
-the targets' expected reward and mode weights. Writes bench/results/soft_value_bias.json (or PATH).
+the targets' expected reward and mode weights.
+
+The soft-Q estimator (`--q-samples n`, docs/method.md §3.6) is measured the same way, with the trainer's own
+functions (sqdf.posterior_bridge, sqdf.log_mean_exp) and the exact posterior mean as the one-step estimate, for each
+sampler:steps in --q-configs and each n in --q-samples, on --q-points of the points: Q_n is random, so each point
+gets --replicates independent draws; reported are the mean bias E[Q_n] - V (negative: Jensen), the mean |Q_n - V| of
+one draw, the ratio |E[grad Q_n]| / |grad V| and the cosine of E[grad Q_n] with grad V (E[grad Q_n] estimated by the
+mean over the replicates, its squared norm less the trace of the mean's covariance, so that the draws' noise does
+not inflate it; the cosine is capped at 1 only by that estimate), and the noise of one draw's gradient,
+rms |grad Q_n - E[grad Q_n]| / |grad V|. Writes bench/results/soft_value_bias.json (or PATH).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import numpy as np
 import torch
 
 from sqdf_fast.info import device_name
+from sqdf_fast.methods.sqdf import log_mean_exp, posterior_bridge
 from sqdf_fast.schedule import DDIMSchedule
 from sqdf_fast.tasks import gmm2d
 
@@ -108,6 +118,51 @@ def summarise(q: dict, mask: torch.Tensor) -> dict:
             "mean_cosine": float(cosine.mean()) if ok.any() else nan}
 
 
+def soft_q_draws(x: torch.Tensor, t: int, alphas_cumprod: torch.Tensor, reward, alpha: float, n: int, steps: int,
+                 sampler: str, replicates: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(replicates, B) draws of Q_n at the points x (B, 2) at timestep t, and their gradients in x
+    (replicates, B, 2): the trainer's bridge with the exact posterior mean as its one-step estimate."""
+    base = gmm2d.ring_mixture()
+    draws, grads = [], []
+    for start in range(0, x.shape[0], CHUNK):
+        leaf = x[start:start + CHUNK].detach().repeat(replicates, 1).requires_grad_(True)   # replicate-major
+        rows = leaf.repeat(n, 1)                                                           # sample-major
+        noise = torch.randn((steps, *rows.shape), generator=generator, dtype=torch.float64)
+        x0 = posterior_bridge(lambda y, s: gmm2d.posterior_mean(y, base, alphas_cumprod[s]), rows,
+                              torch.full((rows.shape[0],), t, dtype=torch.long), alphas_cumprod, noise,
+                              renoise=sampler == "renoise")
+        q = log_mean_exp(reward(x0, None).reshape(n, -1), alpha)
+        grad, = torch.autograd.grad(q.sum(), leaf)
+        draws.append(q.detach().reshape(replicates, -1))
+        grads.append(grad.reshape(replicates, -1, 2))
+    return torch.cat(draws, 1), torch.cat(grads, 1)
+
+
+def summarise_soft_q(draws: torch.Tensor, grads: torch.Tensor, q: dict, mask: torch.Tensor) -> dict:
+    """Bias, one draw's error, and the expected gradient against V's, over the points of `mask`."""
+    n = int(mask.sum())
+    if n == 0:
+        return {"n": 0}
+    v, grad_v = q["v"][mask], q["grad_v"][mask]
+    draws, grads = draws[:, mask], grads[:, mask]
+    replicates, mean_grad = grads.shape[0], grads.mean(0)
+    spread = (grads - mean_grad).square().sum(-1).sum(0) / (replicates - 1)   # tr Cov of one draw's gradient
+    # |E g|^2 without the noise the mean of R draws keeps: |mean g|^2 - tr Cov / R (unbiased), floored at 0
+    norm_q = (mean_grad.square().sum(-1) - spread / replicates).clamp_min(0).sqrt()
+    norm_v = grad_v.norm(dim=-1)
+    ok = norm_v > MIN_GRAD
+    ratio = norm_q[ok] / norm_v[ok]
+    cosine = (grad_v * mean_grad).sum(-1)[ok] / (norm_v[ok] * norm_q[ok]).clamp_min(1e-300)
+    noise = spread.sqrt()[ok] / norm_v[ok]
+    nan = float("nan")
+    return {"n": n, "n_grad": int(ok.sum()), "mean_bias_q_minus_v": float((draws - v).mean()),
+            "mean_abs_error": float((draws - v).abs().mean()),
+            "mean_grad_ratio": float(ratio.mean()) if ok.any() else nan,
+            "median_grad_ratio": float(ratio.median()) if ok.any() else nan,
+            "mean_cosine": float(cosine.mean()) if ok.any() else nan,
+            "mean_grad_noise": float(noise.mean()) if ok.any() else nan}
+
+
 def reference_targets(alpha: float, importance_samples: int) -> dict:
     base, out = gmm2d.ring_mixture(), {}
     for name, reward in rewards().items():
@@ -135,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="trained transitions j of the 50-step schedule; the states are at t_{j+1}")
     parser.add_argument("--importance-samples", type=int, default=gmm2d.IMPORTANCE_SAMPLES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--q-samples", type=int, nargs="*", default=[1, 4, 16],
+                        help="n of the soft-Q estimator (none: skip it)")
+    parser.add_argument("--q-configs", nargs="*", default=["bridge:1", "bridge:2", "bridge:4", "bridge:8", "renoise:2"],
+                        help="sampler:steps of the soft-Q estimator (sqdf.Q_SAMPLERS)")
+    parser.add_argument("--q-points", type=int, default=1024, help="points per level for the soft-Q estimator")
+    parser.add_argument("--replicates", type=int, default=8, help="independent draws of Q_n per point (>= 2)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = [f"{key}={os.environ[key]}" for key in ("PYTHONPATH", "OMP_NUM_THREADS") if key in os.environ]
@@ -144,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 50, dtype=torch.float64)
     sigma_sq = schedule.sigma(1.0).square()   # transition j's policy variance (eta = 1)
     base, quadrature = gmm2d.ring_mixture(), gauss_hermite_2d(args.nodes)
-    rows = []
+    rows, q_rows = [], []
     for name, reward in rewards().items():
         for j in args.steps:
             t = int(schedule.next_timesteps[j])
@@ -159,12 +220,23 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"task": name, "j": j, "t": t, "alpha_cumprod": round(float(a), 6),
                          "sigma_sq": round(float(sigma_sq[j]), 6),
                          **{key: summarise(q, mask) for key, mask in split.items()}})
+            sub = {key: value[:args.q_points] for key, value in q.items()}
+            for config in args.q_configs:
+                sampler, steps = config.split(":")
+                for n in args.q_samples:
+                    draws, grads = soft_q_draws(x[:args.q_points], t, schedule.alphas_cumprod, reward, args.alpha, n,
+                                                int(steps), sampler, args.replicates, generator)
+                    q_rows.append({"task": name, "j": j, "t": t, "sampler": sampler, "steps": int(steps), "n": n,
+                                   **{key: summarise_soft_q(draws, grads, sub, mask[:args.q_points])
+                                      for key, mask in split.items()}})
     targets = reference_targets(args.alpha, args.importance_samples)
     seconds = time.perf_counter() - start
 
     result = {"bench": "soft_value_bias", "command": command, "alpha": args.alpha, "points": args.points,
               "quadrature_nodes_per_axis": args.nodes, "sample_steps": 50, "split_band": list(SPLIT),
-              "min_grad_norm_for_ratio": MIN_GRAD, "rows": rows, "targets": targets, "seconds": round(seconds, 1),
+              "min_grad_norm_for_ratio": MIN_GRAD, "rows": rows,
+              "soft_q": {"points": args.q_points, "replicates": args.replicates, "rows": q_rows},
+              "targets": targets, "seconds": round(seconds, 1),
               "torch": torch.__version__, "device": device_name(torch.device("cpu")),
               "threads": torch.get_num_threads(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -186,12 +258,30 @@ def main(argv: list[str] | None = None) -> dict:
             line += (f"{part['mean_abs_gap']:7.3f}{part['mean_gap_r_e_minus_v']:7.3f}{part['mean_grad_ratio']:7.2f}"
                      f"{part['mean_cosine']:7.3f}")
         print(line)
+    print_soft_q(q_rows)
     for name, target in targets.items():
         print(f"p* of {name} (alpha {args.alpha:g}): E[r] {target['expected_reward']:.3f}, mode weights "
               f"{' '.join(f'{w:.3f}' for w in target['mode_weights'])} (upper {target['upper_modes_mass']:.3f}, "
               f"boundary {target['boundary_modes_mass']:.3f}, lower {target['lower_modes_mass']:.3f})")
     print(f"{seconds:.1f} s; written to {args.json}")
     return result
+
+
+def print_soft_q(q_rows: list[dict]) -> None:
+    """Per task, sampler:steps and n: the split points' mean |E grad Q_n| / |grad V| per level, and the bias."""
+    if not q_rows:
+        return
+    levels = sorted({row["t"] for row in q_rows}, reverse=True)
+    print("soft-Q estimator on the split points: ratio = mean |E[grad Q_n]| / |grad V| per t; bias = mean E[Q_n] - V "
+          "over all points and levels")
+    print(f"{'task':11s}{'sampler':>10s}{'m':>3s}{'n':>4s} |" + "".join(f"{t:>6d}" for t in levels) + f" |{'bias':>8s}")
+    keys = sorted({(row["task"], row["sampler"], row["steps"], row["n"]) for row in q_rows},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    for key in keys:
+        rows = {row["t"]: row for row in q_rows if (row["task"], row["sampler"], row["steps"], row["n"]) == key}
+        ratios = "".join(f"{rows[t]['split_upper'].get('mean_grad_ratio', float('nan')):6.2f}" for t in levels)
+        bias = np.mean([rows[t]["all"]["mean_bias_q_minus_v"] for t in levels])
+        print(f"{key[0]:11s}{key[1]:>10s}{key[2]:3d}{key[3]:4d} |{ratios} |{bias:8.4f}")
 
 
 if __name__ == "__main__":
