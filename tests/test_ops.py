@@ -64,6 +64,21 @@ def test_ops_compile_without_graph_breaks(backend, gen):
         assert torch.equal(leaf.grad, eager_leaf.grad)
 
 
+def test_float_schedule_checks_compile_without_graph_breaks(backend, gen):
+    """The domain checks on Python-float schedule values (docs/ops.md §5), eta > 1's included, are plain Python:
+    nothing for dynamo to break on."""
+    if backend == "triton":
+        pytest.skip("interpreted Triton launches cannot run inside torch.compile on the CPU (environment.md)")
+    x, eps, eps_ref, noise = (make(gen, (4, 6), torch.float32) for _ in range(4))
+
+    def step(x, eps, eps_ref, noise):
+        return ops.policy_step(x, eps, 0.5, 0.6, 1.3, noise, eps_ref)[1]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, eps, eps_ref, noise), step(x, eps, eps_ref, noise))
+
+
 # dispatch -----------------------------------------------------------------------------------------------------------
 def test_dispatch_choice_and_overrides(monkeypatch):
     monkeypatch.delenv("SQDF_KERNELS", raising=False)

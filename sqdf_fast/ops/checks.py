@@ -95,8 +95,13 @@ def step_alphas(alpha_t, alpha_prev, x: Tensor, eta: float, has_ref: bool) -> tu
         raise ValueError("alpha_prev must be < 1 where alpha_t < alpha_prev when eps_ref is given: the step to "
                          "alpha_prev = 1 is deterministic (sigma = 0), and the KL divides by sigma^2")
     if eta > 1:
-        from sqdf_fast.ops.reference import ddim_coefficients
-        if bool(ddim_coefficients(at, prev, eta)[0].isnan().any()):
+        if isinstance(at, Tensor):
+            from sqdf_fast.ops.reference import ddim_coefficients
+            outside = bool(ddim_coefficients(at, prev, eta)[0].isnan().any())
+        else:  # plain Python (no tensor to read inside torch.compile), reference.ddim_coefficients' test of v >= 0
+            eta2 = eta * eta
+            outside = at < prev < 1 and not (1 - eta2) + eta2 * (at * (1 - prev) / ((1 - at) * prev)) >= 0
+        if outside:
             raise ValueError(f"eta = {eta} gives sigma^2 > 1 - alpha_prev for some samples, where the DDIM step is "
                              "not defined (sigma^2 <= 1 - alpha_prev for every schedule only at eta <= 1)")
     return a, ap
