@@ -1,9 +1,11 @@
 """gmm2d.posterior_mixture against posterior_mean and importance weighting; bench/soft_value_bias.py's soft value
 against the closed form (quadratic reward) and posterior sampling (ring reward), its agreement with r(E[x0|x]) at
-small noise; the script at tiny sizes (a few seconds in all)."""
+small noise; the soft-Q estimator's bias against V (below it, shrinking with n, vanishing at small noise); the script
+at tiny sizes (a few seconds in all)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,6 +91,7 @@ def test_soft_value_agrees_with_the_reward_of_the_posterior_mean_only_at_small_n
 def test_script_main_at_tiny_sizes(bench, tmp_path):
     out = tmp_path / "svb.json"
     result = bench.main(["--points", "64", "--nodes", "6", "--steps", "0", "30", "--importance-samples", "4096",
+                         "--q-configs", "bridge:1", "--q-samples", "1", "4", "--q-points", "32", "--replicates", "2",
                          "--json", str(out)])
     stored = json.loads(out.read_text())
     assert stored["rows"] == json.loads(json.dumps(result["rows"]))
@@ -96,5 +99,30 @@ def test_script_main_at_tiny_sizes(bench, tmp_path):
         ("gmm2d", 961), ("gmm2d", 361), ("gmm2d-ring", 961), ("gmm2d-ring", 361)]
     assert "bench/soft_value_bias.py" in stored["command"] and stored["torch"] == torch.__version__
     assert stored["device"] and stored["rows"][0]["all"]["n"] == 64 and stored["rows"][0]["sigma_sq"] > 0
+    soft_q = stored["soft_q"]["rows"]
+    assert [(row["task"], row["t"], row["sampler"], row["steps"], row["n"]) for row in soft_q] == [
+        (task, t, "bridge", 1, n) for task in ("gmm2d", "gmm2d-ring") for t in (961, 361) for n in (1, 4)]
+    assert all(row["all"]["n"] == 32 and math.isfinite(row["all"]["mean_grad_ratio"]) for row in soft_q)
     ring = stored["targets"]["gmm2d-ring"]
     assert abs(sum(ring["mode_weights"]) - 1) < 1e-3 and ring["upper_modes_mass"] > ring["lower_modes_mass"]
+
+
+def test_soft_q_estimator_is_below_v_by_less_as_n_grows_and_matches_it_at_small_noise(bench):
+    ring = bench.rewards()["gmm2d-ring"]
+    quadrature = bench.gauss_hermite_2d(12)
+    alphas = DDIMSchedule.build(gmm2d.SCHEDULER_CONFIG, 1, dtype=torch.float64).alphas_cumprod
+    x, a = points_from_marginal(128, 400, seed=1)
+    q = bench.values_and_gradients(x, a, ring, 1.0, quadrature)
+    everything = torch.ones(128, dtype=torch.bool)
+    bias = {}
+    for n in (1, 16):
+        draws, grads = bench.soft_q_draws(x, 400, alphas, ring, 1.0, n, 4, "bridge", 4,
+                                          torch.Generator().manual_seed(0))
+        bias[n] = bench.summarise_soft_q(draws, grads, q, everything)["mean_bias_q_minus_v"]
+    assert bias[1] < bias[16] < 0   # Jensen, shrinking with n
+    x, a = points_from_marginal(128, 10, seed=2)   # a near-point-mass posterior: every estimate is V
+    q = bench.values_and_gradients(x, a, ring, 1.0, quadrature)
+    draws, grads = bench.soft_q_draws(x, 10, alphas, ring, 1.0, 4, 2, "bridge", 2, torch.Generator().manual_seed(0))
+    stats = bench.summarise_soft_q(draws, grads, q, everything)
+    assert abs(stats["mean_bias_q_minus_v"]) < 5e-3 and stats["mean_abs_error"] < 0.02
+    assert abs(stats["mean_grad_ratio"] - 1) < 0.02 and stats["mean_cosine"] > 0.999
