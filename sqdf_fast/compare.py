@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a training option for every run (repeatable), e.g. --set steps=40")
     args = parser.parse_args(argv)
     args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.labels:
+        parser.error(f"--methods {args.methods!r}: names no method")
     if args.ablations:
         ablations = list(ABLATIONS)
         if config.from_dict({"task": args.task}, "task").gamma == 1.0:   # the task trains without a discount
@@ -99,6 +101,10 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
         args.overrides[key.strip().replace("-", "_")] = parse_value(value.strip())
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be >= 1")
+    try:
+        config.check_out(str(args.out))
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 

@@ -206,6 +206,14 @@ def resume_changes(saved: dict, values: dict, allowed: dict, what: str) -> dict[
     return changes
 
 
+def check_finite(cfg, fields: dict[str, dataclasses.Field]) -> None:
+    """Every float option of `cfg` finite: NaN passes every range check as False, Inf several as True."""
+    for name, f in fields.items():
+        value = getattr(cfg, name)
+        if "float" in field_types(f) and value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r}: must be a finite number")
+
+
 def check_out(out: str) -> None:
     """--out must be a folder (or not exist yet) under a writable parent."""
     path = Path(out)
@@ -221,10 +229,7 @@ def validate(cfg: TrainConfig) -> None:
     from sqdf_fast import rewards
     from sqdf_fast.distributed import world_size
     from sqdf_fast.tasks import BUILTIN
-    for name, f in FIELDS.items():   # NaN passes every comparison below as False, Inf several as True
-        value = getattr(cfg, name)
-        if "float" in field_types(f) and value is not None and not math.isfinite(value):
-            raise ValueError(f"{name}={value!r}: must be a finite number")
+    check_finite(cfg, FIELDS)
     world = world_size()
     per_process = cfg.batch_size // world
     checks = [
@@ -243,6 +248,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.task in BUILTIN or ":" in cfg.task, "task", f"unknown task; built-in: {sorted(BUILTIN)} "
                                                           "or module:function"),
         (cfg.steps >= 1, "steps", "must be >= 1"),
+        (0 <= cfg.seed < 2 ** 62, "seed", "must lie in [0, 2**62) (each stream adds its own offset to it)"),
+        (cfg.out is None or cfg.out.strip() != "", "out", "must name a folder (or be left out for the default)"),
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
         # batch_size, rollout_batch and buffer_size are global: each of the WORLD_SIZE processes takes its share
         (cfg.batch_size % world == 0, "batch_size", f"must be divisible by the {world} processes (WORLD_SIZE): it is "

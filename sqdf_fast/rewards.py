@@ -575,5 +575,5 @@ def build_reward(spec: str | None, *, weights: str | None = None, prompts: list[
         from sqdf_fast.rewards_hps import load_hps
         return load_hps(weights, need_prompts("hps", prompts), device=device)
     if ":" in spec:
-        return load_callable(spec, "reward")
+        return load_callable(spec, "reward", ("images", "cond"))
     raise ValueError(f"reward={spec!r}: unknown reward; built-in: {', '.join(BUILTIN_REWARDS)}, or module:function")

@@ -244,8 +244,13 @@ def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
     if resume is None:
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found:   # e.g. only checkpoint.prev/ after a kill during the swap: the run's only checkpoint
-            raise ValueError(f"out={str(out)!r} already holds a run ({', '.join(found)}): pass --resume {out} or "
-                             "choose another --out")
+            hint = (f"pass --resume {out} or choose another --out" if {"checkpoint", "checkpoint.prev"} & set(found)
+                    else "it has no checkpoint to resume from: delete it or choose another --out")
+            raise ValueError(f"out={str(out)!r} already holds a run ({', '.join(found)}): {hint}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"out={str(out)!r}: cannot create the folder ({err.strerror or err})") from err
         return None
     changes = config.resume_changes(config.read_saved(out), dataclasses.asdict(cfg), config.RESUMABLE,
                                     f"resume={str(out)!r}")
@@ -337,7 +342,6 @@ def evaluate_base(run: Run) -> None:
     """A new run: config.json, and the base model evaluated and drawn."""
     cfg, task, main = run.cfg, run.task, run.ctx.is_main
     if main:
-        run.out.mkdir(parents=True, exist_ok=True)
         files.write_text_atomic(run.out / "config.json", config_text(cfg))
     run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, base=True)
     # fd is against real data where the task has it; only a task without it measures drift from the base

@@ -39,11 +39,9 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 def resume_fails(out: Path, capsys, *extra) -> str:
     """Resume `out` expecting one error line and no file of the run touched; returns the line."""
     before = snapshot(out)
-    with pytest.raises(SystemExit) as err:
-        main(["--resume", str(out), *extra])
+    line = exits_with_one_error_line(lambda: main(["--resume", str(out), *extra]), capsys)
     assert snapshot(out) == before
-    assert "Traceback" not in capsys.readouterr().err
-    return str(err.value.code)
+    return line
 
 
 # ---- 1. nothing lost ---------------------------------------------------------------------------------------------
@@ -177,13 +175,19 @@ TRAIN_CASES = {
     "task not a Task": (lambda t: ["--task", "rewards_for_tests:not_a_task"],
                         "the factory returned a dict, not a sqdf_fast.tasks.Task"),
     "reward not callable": (lambda t: ["--reward", "rewards_for_tests:not_callable"],
-                            "the reward is a float, not a callable"),
+                            "reward='rewards_for_tests:not_callable' is a float, not a callable (images, cond)"),
     "reward shape": (lambda t: ["--reward", "rewards_for_tests:wrong_shape"], "of shape (20, 256); expected"),
     "reward 0-dim": (lambda t: ["--reward", "rewards_for_tests:zero_dim"], "of shape (); expected"),
     "reward list": (lambda t: ["--reward", "rewards_for_tests:a_list"], "returned a list; expected"),
     "reward integer": (lambda t: ["--reward", "rewards_for_tests:integer"], "returned a torch.int64 tensor"),
     "reward detached": (lambda t: ["--reward", "rewards_for_tests:detached"], "carries no gradient to the images"),
     "reward unknown": (lambda t: ["--reward", "nope"], "reward='nope': unknown reward"),
+    "reward signature": (lambda t: ["--reward", "rewards_for_tests:not_a_task"],
+                         "reward='rewards_for_tests:not_a_task' takes (cfg), but is called with (images, cond)"),
+    "task signature": (lambda t: ["--task", "rewards_for_tests:image_mean"],
+                       "task='rewards_for_tests:image_mean' takes (images, cond), but is called with (cfg)"),
+    "out empty": (lambda t: ["--out", ""], "out='': must name a folder"),
+    "seed too large": (lambda t: ["--seed", str(2 ** 64)], "seed=18446744073709551616: must lie in [0, 2**62)"),
     "option the task ignores": (lambda t: ["--resolution", "64"], "resolution=64: task 'digits' does not use it"),
     "bad choice": (lambda t: ["--method", "ppo"], "argument --method: invalid choice"),
     "not a number": (lambda t: ["--steps", "many"], "argument --steps: invalid int value"),
@@ -215,7 +219,7 @@ def test_bad_train_command_lines_end_in_one_line(tmp_path, capsys, case):
 def test_bad_input_exits_in_one_line_from_the_shell(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sqdf_fast.train", "--eta", "1.5", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2   # a usage error (sqdf_fast.cli)
     assert result.stderr.strip().splitlines() == ["error: eta=1.5: must lie in (0, 1] (at eta = 0 the policy is "
                                                   "deterministic and the KL divides by zero; above 1 the DDIM noise "
                                                   "exceeds the step's variance)"]

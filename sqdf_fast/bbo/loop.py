@@ -58,6 +58,7 @@ from sqdf_fast.distributed import launch
 from sqdf_fast.files import dumps, write_atomic, write_text_atomic
 from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.rollout import rollout
+from sqdf_fast.tasks import load_callable
 from sqdf_fast.train import EVAL_METRICS, Run, build_run, evaluate, save_checkpoint, save_samples, train_until
 
 PREVIOUS = "previous"   # the frozen adapter holding the previous round's policy (--kl-to previous)
@@ -128,6 +129,9 @@ def query_schedule(cfg: BBOConfig) -> list[int]:
 
 def validate(cfg: BBOConfig, train: TrainConfig) -> None:
     """Impossible budgets and options, before any work."""
+    config.check_finite(cfg, BBO_FIELDS)
+    if ":" in cfg.oracle:   # the user's oracle is imported now, not after the base model's evaluation
+        load_callable(cfg.oracle, "oracle", ("images", "cond"))
     checks = [
         (cfg.rounds >= 1, "rounds", "must be >= 1"),
         (cfg.oracle_batch >= 1, "oracle_batch", "must be >= 1"),

@@ -97,5 +97,5 @@ def build_oracle(spec: str, task: Task, batch_size: int, drop_nonfinite: bool = 
     if ":" not in name:
         raise ValueError(f"oracle={spec!r}: built-in oracles are {', '.join(BUILTIN_ORACLES)}, or module:function")
     # a user's oracle sees images in [0, 1]; digits decode to [-1, 1], sd to [0, 1] already, gmm2d to points
-    return Oracle(name, load_callable(name, "oracle"), batch_size, images_01=task.name == "digits",
+    return Oracle(name, load_callable(name, "oracle", ("images", "cond")), batch_size, images_01=task.name == "digits",
                   drop_nonfinite=drop_nonfinite)

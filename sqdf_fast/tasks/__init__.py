@@ -7,6 +7,7 @@ Your own: `--task my_module:make_task`. `build(cfg, device)` is the one entry po
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -71,13 +72,26 @@ BUILTIN = {"digits": "sqdf_fast.tasks.digits:make_task", "gmm2d": "sqdf_fast.tas
            "sd-random": "sqdf_fast.tasks.sd:make_random_task"}
 
 
-def load_callable(reference: str, what: str) -> Callable:
-    """The object named by `module:function`; ValueError naming `what` when it cannot be loaded."""
+def load_callable(reference: str, what: str, args: tuple[str, ...]) -> Callable:
+    """The callable named by `module:function`, checked to take the positional `args` (their names, for the
+    message); ValueError naming `what` when it cannot be loaded, is not callable or takes other arguments."""
     module_name, _, func_name = reference.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), func_name)
+        target = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"{what}: cannot load {reference!r}: {err}") from err
+    if not callable(target):
+        raise ValueError(f"{what}={reference!r} is a {type(target).__name__}, not a callable ({', '.join(args)})")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):   # some built-in callables have none to read
+        return target
+    try:
+        signature.bind(*args)
+    except TypeError as err:
+        raise ValueError(f"{what}={reference!r} takes {signature}, but is called with ({', '.join(args)}): "
+                         f"{err}") from err
+    return target
 
 
 def config_defaults(name: str, method: str = "sqdf") -> dict:
@@ -96,7 +110,7 @@ def resolve(name: str) -> Callable:
     if ":" not in target:
         raise ValueError(f"task: unknown task {name!r}; built-in tasks are {sorted(BUILTIN)} "
                          "or give your own as module:function")
-    return load_callable(target, "task")
+    return load_callable(target, "task", ("cfg",))
 
 
 class CheckedReward:
