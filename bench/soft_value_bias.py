@@ -15,6 +15,8 @@ Gauss-Hermite quadrature (nodes^2 points per component, placed at the component'
 standard nodes, so autograd through them gives grad_x V). Posterior components have std <= 0.4: 16 nodes per axis
 agree with 40 to 1e-6 on the ring, and with the closed form on the quadratic reward to rounding.
 Reported per level: mean |V - r(E)|, mean (r(E) - V), mean |grad V|, the mean per-point ratio |grad r(E)| / |grad V|
+(and in the JSON the same ratio for the exact posterior's expected reward E[r(x0) | x], the n = 1 limit of the
+soft-Q estimate with exact samples)
 and the mean cosine between the gradients, over all points and over the "split" points, whose posterior puts between 0.2
 and 0.8 of its mass on the upper-half modes (mode means with y > 0; the modes at 0 and 180 degrees sit on the
 boundary and count as neither). The JSON also has the same over points split on the lower-half modes, each
@@ -27,7 +29,8 @@ sampler:steps in --q-configs and each n in --q-samples, on --q-points of the poi
 gets --replicates independent draws; reported are the mean bias E[Q_n] - V (negative: Jensen), the mean |Q_n - V| of
 one draw, the ratio |E[grad Q_n]| / |grad V| and the cosine of E[grad Q_n] with grad V (E[grad Q_n] estimated by the
 mean over the replicates, its squared norm less the trace of the mean's covariance, so that the draws' noise does
-not inflate it; the cosine is capped at 1 only by that estimate), and the noise of one draw's gradient,
+not inflate it; the cosine is that of the replicates' mean gradient, which its remaining noise lowers a little), and
+the noise of one draw's gradient,
 rms |grad Q_n - E[grad Q_n]| / |grad V|. Writes bench/results/soft_value_bias.json (or PATH).
 """
 from __future__ import annotations
@@ -79,11 +82,21 @@ def soft_value(x: torch.Tensor, base: gmm2d.Mixture, a: torch.Tensor, reward, al
     return alpha * torch.logsumexp(log_rho + log_mgf, dim=-1), posterior
 
 
+def expected_reward(x: torch.Tensor, base: gmm2d.Mixture, a: torch.Tensor, reward,
+                    quadrature: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """E[r(x0) | x_t = x] under the exact posterior (B,): what a one-sample soft-Q estimate (n = 1) aims at."""
+    points, log_weights = quadrature
+    posterior = gmm2d.posterior_mixture(x, base, a)
+    x0 = posterior.means[:, :, None, :] + posterior.variances.sqrt()[:, :, None, None] * points
+    r = reward(x0.reshape(-1, 2), None).reshape(x0.shape[:-1])
+    return (posterior.weights * (r * log_weights.exp()).sum(-1)).sum(-1)
+
+
 def values_and_gradients(x: torch.Tensor, a: torch.Tensor, reward, alpha: float, quadrature) -> dict:
     """V, r(E[x0|x]), their gradients in x, and the posterior mass on the upper / lower modes, per point."""
     base = gmm2d.ring_mixture()
     upper, lower = base.means[:, 1] > 0.5, base.means[:, 1] < -0.5
-    out = {key: [] for key in ("v", "r_e", "grad_v", "grad_r_e", "upper", "lower")}
+    out = {key: [] for key in ("v", "r_e", "grad_v", "grad_r_e", "grad_e_r", "upper", "lower")}
     for start in range(0, x.shape[0], CHUNK):
         chunk = x[start:start + CHUNK].detach().requires_grad_(True)
         level = a.expand(chunk.shape[0])
@@ -91,8 +104,9 @@ def values_and_gradients(x: torch.Tensor, a: torch.Tensor, reward, alpha: float,
         grad_v, = torch.autograd.grad(v.sum(), chunk)
         r_e = reward(gmm2d.posterior_mean(chunk, base, level), None)
         grad_r_e, = torch.autograd.grad(r_e.sum(), chunk)
+        grad_e_r, = torch.autograd.grad(expected_reward(chunk, base, level, reward, quadrature).sum(), chunk)
         weights = posterior.weights.detach()
-        for key, value in (("v", v), ("r_e", r_e), ("grad_v", grad_v), ("grad_r_e", grad_r_e),
+        for key, value in (("v", v), ("r_e", r_e), ("grad_v", grad_v), ("grad_r_e", grad_r_e), ("grad_e_r", grad_e_r),
                            ("upper", weights[:, upper].sum(-1)), ("lower", weights[:, lower].sum(-1))):
             out[key].append(value.detach())
     return {key: torch.cat(value) for key, value in out.items()}
@@ -108,7 +122,9 @@ def summarise(q: dict, mask: torch.Tensor) -> dict:
     ratio = norm_r_e[ok] / norm_v[ok]
     cosine = (grad_v * grad_r_e).sum(-1)[ok] / (norm_v[ok] * norm_r_e[ok]).clamp_min(1e-300)
     nan = float("nan")
+    ratio_e_r = q["grad_e_r"][mask].norm(dim=-1)[ok] / norm_v[ok]
     return {"n": n, "n_grad": int(ok.sum()),
+            "mean_grad_ratio_exact_expected_reward": float(ratio_e_r.mean()) if ok.any() else float("nan"),
             "mean_abs_gap": float((v - r_e).abs().mean()), "mean_gap_r_e_minus_v": float((r_e - v).mean()),
             "mean_v": float(v.mean()), "mean_r_e": float(r_e.mean()),
             "mean_grad_ratio": float(ratio.mean()) if ok.any() else nan,
@@ -152,7 +168,8 @@ def summarise_soft_q(draws: torch.Tensor, grads: torch.Tensor, q: dict, mask: to
     norm_v = grad_v.norm(dim=-1)
     ok = norm_v > MIN_GRAD
     ratio = norm_q[ok] / norm_v[ok]
-    cosine = (grad_v * mean_grad).sum(-1)[ok] / (norm_v[ok] * norm_q[ok]).clamp_min(1e-300)
+    raw = mean_grad.norm(dim=-1)   # the cosine's own norm: the direction of the replicates' mean
+    cosine = (grad_v * mean_grad).sum(-1)[ok] / (norm_v[ok] * raw[ok]).clamp_min(1e-300)
     noise = spread.sqrt()[ok] / norm_v[ok]
     nan = float("nan")
     return {"n": n, "n_grad": int(ok.sum()), "mean_bias_q_minus_v": float((draws - v).mean()),
@@ -268,20 +285,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_soft_q(q_rows: list[dict]) -> None:
-    """Per task, sampler:steps and n: the split points' mean |E grad Q_n| / |grad V| per level, and the bias."""
+    """Per task, sampler:steps and n: mean |E grad Q_n| / |grad V| per level on the split points and on all points,
+    the lowest cosine over the levels, and the bias E[Q_n] - V averaged over all points and levels."""
     if not q_rows:
         return
     levels = sorted({row["t"] for row in q_rows}, reverse=True)
-    print("soft-Q estimator on the split points: ratio = mean |E[grad Q_n]| / |grad V| per t; bias = mean E[Q_n] - V "
-          "over all points and levels")
-    print(f"{'task':11s}{'sampler':>10s}{'m':>3s}{'n':>4s} |" + "".join(f"{t:>6d}" for t in levels) + f" |{'bias':>8s}")
-    keys = sorted({(row["task"], row["sampler"], row["steps"], row["n"]) for row in q_rows},
-                  key=lambda k: (k[0], k[1], k[2], k[3]))
-    for key in keys:
-        rows = {row["t"]: row for row in q_rows if (row["task"], row["sampler"], row["steps"], row["n"]) == key}
-        ratios = "".join(f"{rows[t]['split_upper'].get('mean_grad_ratio', float('nan')):6.2f}" for t in levels)
-        bias = np.mean([rows[t]["all"]["mean_bias_q_minus_v"] for t in levels])
-        print(f"{key[0]:11s}{key[1]:>10s}{key[2]:3d}{key[3]:4d} |{ratios} |{bias:8.4f}")
+    keys = sorted({(row["task"], row["sampler"], row["steps"], row["n"]) for row in q_rows})
+    for part in ("split_upper", "all"):
+        print(f"soft-Q estimator, {'split' if part == 'split_upper' else 'all'} points: mean |E[grad Q_n]| / "
+              "|grad V| per t; min cos over t; bias = mean E[Q_n] - V over all points and levels")
+        print(f"{'task':11s}{'sampler':>8s}{'m':>3s}{'n':>4s} |" + "".join(f"{t:>6d}" for t in levels)
+              + f" |{'cos':>6s}{'bias':>8s}")
+        for key in keys:
+            rows = {row["t"]: row for row in q_rows if (row["task"], row["sampler"], row["steps"], row["n"]) == key}
+            ratios = "".join(f"{rows[t][part].get('mean_grad_ratio', float('nan')):6.2f}" for t in levels)
+            cosine = np.nanmin([rows[t][part].get("mean_cosine", float("nan")) for t in levels])
+            bias = np.mean([rows[t]["all"]["mean_bias_q_minus_v"] for t in levels])
+            print(f"{key[0]:11s}{key[1]:>8s}{key[2]:3d}{key[3]:4d} |{ratios} |{cosine:6.3f}{bias:8.4f}")
 
 
 if __name__ == "__main__":
