@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from sqdf_fast import config
+from sqdf_fast import cli, config
 from sqdf_fast.distributed import resolve_device
 from sqdf_fast.files import dumps, write_text_atomic
 from sqdf_fast.info import device_name
@@ -69,25 +69,26 @@ def parse_value(text: str):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.compare", description=__doc__.split("\n\n")[0],
+                                     epilog=cli.EPILOG)
     parser.add_argument("--task", default="digits", help="task of every run (default digits)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated methods ({', '.join(METHODS)}) or variants ({', '.join(VARIANTS)}), "
                              "each optionally with options of its own: name@key=value (default: every method)")
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training option for every run (repeatable), e.g. --set steps=40")
+    parser.add_argument("--log-to", metavar="TRACKERS",
+                        help="experiment trackers of every run, one tracker run per (method, seed): tensorboard, "
+                             "wandb, none, comma-separated (default: the trainer's, auto)")
     args = parser.parse_args(argv)
     args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.labels:
         parser.error(f"--methods {args.methods!r}: names no method")
     if args.ablations:
-        ablations = list(ABLATIONS)
-        if config.from_dict({"task": args.task}, "task").gamma == 1.0:   # the task trains without a discount
-            ablations[0] = "sqdf-discount"
-        args.labels += [label for label in ablations if label not in args.labels]
+        args.labels += [label for label in ablation_labels(args.task) if label not in args.labels]
     return check_common(parser, args)
 
 
@@ -101,6 +102,8 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
         args.overrides[key.strip().replace("-", "_")] = parse_value(value.strip())
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be >= 1")
+    if getattr(args, "log_to", None) is not None:
+        args.overrides["log_to"] = args.log_to
     try:
         config.check_out(str(args.out))
     except ValueError as err:
@@ -129,8 +132,8 @@ def run_config(task: str, label: str, seed: int, overrides: dict, out: Path) -> 
     name, own = parse_label(label)
     method, variant = VARIANTS.get(name, (name, {}))
     pinned = {"target_alpha": config.from_dict({"task": task, **overrides}, "--set").alpha}
-    values = {"task": task, "method": method, **pinned, **variant, **overrides, **own, "seed": seed,
-              "out": str(out / "runs" / f"{label}-seed{seed}"), "progress": False}
+    values = {"task": task, "method": method, **pinned, "log_group": out.name, **variant, **overrides, **own,
+              "seed": seed, "out": str(out / "runs" / f"{label}-seed{seed}"), "progress": False}
     cfg = config.from_dict(values, f"{label} (seed {seed})")
     config.validate(cfg)
     return cfg
@@ -298,24 +301,41 @@ def copy_first_seed_samples(out: Path, labels: list[str]) -> None:
 
 def start_comparison(out: Path, labels: list[str], seeds: int, make_config) -> tuple[Path, list[dict], set, dict]:
     """OUT/results.json's path and rows so far (an interrupted comparison continues), the (label, seed) pairs they
-    hold, and every run's configuration `make_config(label, seed)`, all checked before the first run starts (one
-    line and exit on a bad one)."""
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    hold, and every run's configuration `make_config(label, seed)`, all checked before the first run starts
+    (cli.UsageError naming a bad one)."""
     try:
         configs = {(label, seed): make_config(label, seed) for label in labels for seed in range(seeds)}
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        raise cli.UsageError(str(err)) from err
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
     return results_path, rows, {(r["method"], r["seed"]) for r in rows}, configs
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    command = "python -m sqdf_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+def ablation_labels(task: str) -> list[str]:
+    """--ablations' labels for `task` (the discount ablation adds one where the task trains without it)."""
+    ablations = list(ABLATIONS)
+    if config.from_dict({"task": task}, "task").gamma == 1.0:   # the task trains without a discount
+        ablations[0] = "sqdf-discount"
+    return ablations
+
+
+def compare(out: str | Path, methods: str | list[str] = ",".join(METHODS), seeds: int = 3, task: str = "digits",
+            overrides: dict | None = None, command: str | None = None) -> list[dict]:
+    """Run every (method label, seed) on `task` into `out` (runs/, results.json, report.md, pareto.png), skipping
+    those results.json already holds; `overrides`: training options for every run (as --set). Returns the rows of
+    results.json. Every configuration is checked first (ValueError naming a bad one); a run that fails is recorded
+    as failed and the comparison goes on. `python -m sqdf_fast.compare` is this function."""
+    out = Path(out)
+    labels = [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods)
+    if not labels:
+        raise cli.UsageError(f"methods={methods!r}: names no method")
+    overrides = {key.replace("-", "_"): value for key, value in (overrides or {}).items()}
+    command = command or f"sqdf_fast.compare.compare({str(out)!r}, {labels!r}, seeds={seeds}, task={task!r}, " \
+                         f"overrides={overrides!r})"
     results_path, rows, done, configs = start_comparison(
-        args.out, args.labels, args.seeds, lambda label, seed: run_config(args.task, label, seed, args.overrides,
-                                                                          args.out))
+        out, labels, seeds, lambda label, seed: run_config(task, label, seed, overrides, out))
     start = time.time()
     for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
         if (label, seed) in done:
@@ -337,16 +357,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             line = f"FAILED: {err} (log: {log})"
         write_text_atomic(results_path, dumps(rows, indent=1)[0])   # each run's result, before the next
         print(f"[{i}/{len(configs)}] {label} seed {seed}: {line} | {rows[-1]['wall_s']:.0f} s", flush=True)
-    copy_first_seed_samples(args.out, args.labels)
-    table = summarise([r for r in rows if r["method"] in args.labels], args.labels)
-    total = sum(r["wall_s"] for r in rows if r["method"] in args.labels)
+    copy_first_seed_samples(out, labels)
+    table = summarise([r for r in rows if r["method"] in labels], labels)
+    total = sum(r["wall_s"] for r in rows if r["method"] in labels)
     machine = device_name(resolve_device(next(iter(configs.values())).device))
-    failures = [r for r in rows if r["method"] in args.labels and "failed" in r]
-    write_report(args.out / "report.md", table, failures, command, args.task, machine, total)
-    plot_pareto(args.out / "pareto.png", table)
-    print(f"wrote {results_path}, {args.out / 'report.md'} and {args.out / 'pareto.png'} "
+    failures = [r for r in rows if r["method"] in labels and "failed" in r]
+    write_report(out / "report.md", table, failures, command, task, machine, total)
+    plot_pareto(out / "pareto.png", table)
+    print(f"wrote {results_path}, {out / 'report.md'} and {out / 'pareto.png'} "
           f"(this invocation {time.time() - start:.0f} s)")
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)   # a bad argument exits 2
+    command = "python -m sqdf_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    with cli.run_errors():   # a bad run configuration exits 2 before any run
+        return compare(args.out, args.labels, args.seeds, args.task, args.overrides, command)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,20 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqdf_fast import tracking
 from sqdf_fast.buffer import SAMPLERS as BUFFER_SAMPLERS
+from sqdf_fast.cli import EPILOG, UsageError, usage_errors
 from sqdf_fast.methods import METHODS
 from sqdf_fast.methods.baselines import alignprop_range, refl_range
 from sqdf_fast.methods.sqdf import Q_SAMPLERS, STEP_SAMPLERS
 
 
-def option(default, group: str, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+def option(default, group: str, help: str, choices: tuple | None = None, metavar: str | None = None):
+    """A config field: its command-line group, help, choices and, for a path, its metavar (FILE, DIR, PATH)."""
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices, "metavar": metavar})
 
 
 @dataclass
@@ -26,22 +28,25 @@ class TrainConfig:
     task: str = option("digits", "task", "built-in task name or module:function returning a sqdf_fast.tasks.Task")
     method: str = option("sqdf", "task", "fine-tuning method: " + "; ".join(f"{name}: {line}" for name, (_, line)
                                                                          in METHODS.items()), tuple(METHODS))
-    model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)")
+    model: str | None = option(None, "task", "folder of the task's weights (digits: default the shipped ones)",
+                               metavar="DIR")
     reward: str | None = option(None, "task", "reward replacing the task's own: task (the task's, default), digits, "
                                 "aesthetic, clip-score, pickscore, hps, module:function (images, cond) -> (B,), or "
                                 "a weighted sum NAME=W,NAME=W,... (docs/rewards.md)")
     reward_weights: str | None = option(None, "task", "the reward's weights: aesthetic (CLIP + LAION head), "
                                         "clip-score, pickscore (CLIP folders), hps (checkpoint file), digits; for a "
-                                        "sum NAME=PATH,NAME=PATH,... (docs/rewards.md)")
+                                        "sum NAME=PATH,NAME=PATH,... (docs/rewards.md)", metavar="PATH")
     consistency: str | None = option(None, "task", "sd tasks: the consistency model, an LCM-LoRA (.safetensors file, "
-                                     "or folder with pytorch_lora_weights.safetensors) or an LCM UNet folder")
+                                     "or folder with pytorch_lora_weights.safetensors) or an LCM UNet folder",
+                                     metavar="PATH")
     prompts: str = option("simple-animals", "task", "sd tasks: prompt list, built-in (simple-animals: 45 animals, "
-                          "6 held out for evaluation) or a text file, one prompt per line (its first 6 evaluate)")
+                          "6 held out for evaluation) or a text file, one prompt per line (its first 6 evaluate)",
+                          metavar="NAME|FILE")
     resolution: int = option(512, "task", "sd tasks: image size in pixels (latents are resolution / 8 for SD)")
     weights_dtype: str = option("auto", "task", "sd tasks: dtype of the frozen weights (the policy LoRA stays "
                                 "float32); auto: bfloat16 on CUDA, float32 on the CPU",
                                 ("auto", "float32", "bfloat16", "float16"))
-    out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)")
+    out: str | None = option(None, "task", "run directory (default runs/<task>-<method>-<time>)", metavar="DIR")
     seed: int = option(0, "task", "seed of every random stream (each data-parallel rank derives its own)")
     device: str = option("auto", "task", "auto (CUDA when present), cpu, cuda, cuda:N")
     kernels: str = option("auto", "task", "op backend: auto (Triton on CUDA, C++ on CPU, else the torch "
@@ -116,6 +121,12 @@ class TrainConfig:
     checkpoint_every: int = option(40, "logging", "steps between checkpoints (always one at the end)")
     max_nonfinite_steps: int = option(5, "logging", "stop after this many non-finite steps in a row")
     progress: bool = option(True, "logging", "progress bar")
+    log_to: str = option("auto", "logging", "experiment trackers, comma-separated: tensorboard (RUN/tensorboard), "
+                         "wandb (RUN/wandb; WANDB_MODE=offline needs no network), none; auto: tensorboard when "
+                         "installed, else none. The run directory's files are written either way",
+                         metavar="TRACKERS")
+    log_group: str | None = option(None, "logging", "the run's group in the trackers (wandb's group; compare sets "
+                                   "its --out folder's name)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -133,6 +144,9 @@ RESUMABLE = {
     "kernels": "the op backend: the backends agree to rounding, so the run is no longer bit-identical to one "
                "that kept its backend",
     "cuda_graphs": "how the rollouts are launched (same maths)",
+    "log_to": "the experiment trackers from the resumed step on (TensorBoard appends to RUN/tensorboard; wandb "
+              "continues the run whose id RUN/wandb_id.txt holds)",
+    "log_group": "the run's group in the trackers",
 }
 
 
@@ -200,7 +214,7 @@ def resume_changes(saved: dict, values: dict, allowed: dict, what: str) -> dict[
                if name != "out" and name in saved and saved[name] != value}
     for name, (old, new) in changes.items():
         if name not in allowed:
-            raise ValueError(f"{what}: --{name.replace('_', '-')} cannot change on resume (the run has {old!r}, "
+            raise UsageError(f"{what}: --{name.replace('_', '-')} cannot change on resume (the run has {old!r}, "
                              f"given {new!r}): its checkpoint was made with {old!r}; options that may change: "
                              f"{', '.join(sorted(allowed))}")
     return changes
@@ -309,6 +323,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"model={cfg.model!r}: no such folder")
     if cfg.out is not None:
         check_out(cfg.out)
+    tracking.resolve(cfg.log_to)   # a tracker whose package is missing is named here, before any work
     rewards.check_weights(cfg.reward, cfg.reward_weights)   # files and shapes, before any network is built
     if cfg.device.startswith("cuda"):
         import torch
@@ -316,9 +331,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"device={cfg.device!r}: CUDA is not available on this machine")
 
 
-def from_dict(values: dict, source: str) -> TrainConfig:
+def from_dict(values: dict, source: str = "config") -> TrainConfig:
     """A config from explicit values over the task's own defaults for the method (sqdf_fast.tasks.config_defaults)
-    over the dataclass defaults."""
+    over the dataclass defaults; `source` names the values in errors. `validate` checks it."""
     from sqdf_fast.tasks import config_defaults
     check_types(values, FIELDS, source)
     unknown = sorted(set(values) - set(FIELDS))
@@ -328,13 +343,23 @@ def from_dict(values: dict, source: str) -> TrainConfig:
     return TrainConfig(**{**config_defaults(task, method), **values})
 
 
+def make(**values) -> TrainConfig:
+    """A validated config for the Python API: `values` over the task's defaults for the method over the dataclass
+    defaults (what the command line gives for the same options); ValueError naming the first bad value."""
+    cfg = from_dict(values, "make_config")
+    validate(cfg)
+    return cfg
+
+
 def build_parser(prog: str = "python -m sqdf_fast.train",
                  description: str = "Fine-tune a diffusion model toward a reward with SQDF. With no arguments: the "
                                     "built-in digits task on the CPU in about a minute.") -> argparse.ArgumentParser:
     """Every TrainConfig field as an option, plus --config and --resume; absent options stay absent (SUPPRESS)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="JSON file of config fields (a run's config.json works); "
-                                         "command-line options override it")
+    parser = argparse.ArgumentParser(prog=prog, usage=f"{prog} [options]", description=description,
+                                     argument_default=argparse.SUPPRESS,
+                                     epilog=EPILOG)
+    parser.add_argument("--config", metavar="FILE", help="JSON file of config fields (a run's config.json works); "
+                                                         "command-line options override it")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint; "
                                                         "options given here override its config.json")
     add_options(parser, FIELDS)
@@ -347,23 +372,24 @@ def add_options(parser: argparse.ArgumentParser, fields: dict[str, dataclasses.F
     for name, f in fields.items():
         group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']}" + ("" if f.default is None else f" (default: {f.default})")
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
-            group.add_argument(flag, type=kind, choices=f.metadata["choices"], help=help_text)
+            metavar = f.metadata.get("metavar") or (None if f.metadata["choices"] else
+                                                     {int: "N", float: "X"}.get(kind, name.upper()))
+            group.add_argument(flag, type=kind, choices=f.metadata["choices"], metavar=metavar, help=help_text)
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """Defaults < --config file (or the resumed run's config.json) < command line. Exits with one line on error."""
+    """Defaults < --config file (or the resumed run's config.json) < command line. A bad option or value exits 2
+    with one line (sqdf_fast.cli)."""
     args = vars(build_parser().parse_args(argv))
-    try:
+    with usage_errors():
         values, resume, source = layered_values(args)
         cfg = from_dict(values, source)
         validate(cfg)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     return cfg, resume
 
 

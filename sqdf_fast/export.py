@@ -11,12 +11,12 @@ modules) as safetensors metadata, which `load_lora_weights` reads back: an alpha
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sqdf_fast import cli
 from sqdf_fast.adapters import POLICY, adapter_state_dict
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -50,12 +50,13 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     what = f"run_dir={str(run_dir)!r}"
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
-        raise ValueError(f"{what}: no config.json there (not a run directory)")
+        raise cli.UsageError(f"{what}: no config.json there (not a run directory)")
     cfg = config.from_dict(config.read_json(saved, what), str(saved))
     task = tasks.resolve(cfg.task)(cfg)
     if not isinstance(task.unet, UNet2DConditionModel):
-        raise ValueError(f"{what}: a run of task {cfg.task!r}, whose model is a {type(task.unet).__name__}; export "
-                         "writes the LoRA of a Stable Diffusion UNet (UNet2DConditionModel) in diffusers' format")
+        raise cli.UsageError(f"{what}: a run of task {cfg.task!r}, whose model is a {type(task.unet).__name__}; export "
+                             "writes the LoRA of a Stable Diffusion UNet (UNet2DConditionModel) in diffusers' "
+                             "format")
     add_policy_lora(task.unet, task.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     try:
         adapter, _ = checkpoint.load(Path(run_dir), torch.device("cpu"))
@@ -66,14 +67,13 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a run directory with a checkpoint")
-    parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/lora)")
+    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.export", description=__doc__.split("\n\n")[0],
+                                     epilog=cli.EPILOG)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with a checkpoint")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default RUN_DIR/lora)")
     args = parser.parse_args(argv)
-    try:
+    with cli.run_errors():
         path = export_run(args.run_dir, args.out)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     print(f"wrote {path}")
 
 

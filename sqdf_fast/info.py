@@ -1,4 +1,5 @@
-"""`python -m sqdf_fast.info`: which backend each op uses on each device, and why (versions, compiler, build)."""
+"""`python -m sqdf_fast.info`: versions, which backend each op uses on each device and why (compiler, build), and
+which optional extras are installed."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -14,6 +15,14 @@ from sqdf_fast import ops
 from sqdf_fast.ops import dispatch
 
 OPS = ("policy_step", "guided_policy_step", "rollout_step", "tweedie_x0", "consistency_x0", "sqdf_loss")
+# optional package -> (distribution name, what it enables, how to install it)
+EXTRAS = {
+    "tensorboard": ("tensorboard", "--log-to tensorboard (the default when installed)",
+                    "pip install 'sqdf_fast[tensorboard]'"),
+    "wandb": ("wandb", "--log-to wandb", "pip install 'sqdf_fast[wandb]'"),
+    "open_clip": ("open_clip_torch", "--reward hps", "pip install 'sqdf_fast[rewards]'"),
+    "xformers": ("xformers", "xformers attention in bench/rollout.py (CUDA only)", "pip install xformers"),
+}
 
 
 def version(package: str) -> str:
@@ -41,7 +50,8 @@ def device_name(device: torch.device) -> str:
 
 def report() -> list[str]:
     lines = [f"python {platform.python_version()} | torch {torch.__version__} | triton {version('triton')} | "
-             f"diffusers {version('diffusers')} | sqdf_fast {version('sqdf_fast')}"]
+             f"diffusers {version('diffusers')} | peft {version('peft')} | transformers {version('transformers')} | "
+             f"sqdf_fast {version('sqdf_fast')}"]
     cuda = torch.cuda.is_available()
     lines.append(f"CUDA: {torch.cuda.get_device_name() if cuda else 'not available'}")
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -60,6 +70,11 @@ def report() -> list[str]:
             backend, why = "error", str(err)
         lines.append(f"{device} tensors:")
         lines.extend(f"  {name:20s} {backend:7s} {why}" for name in OPS)
+    lines.append("optional extras:")
+    for name, (distribution, enables, install) in EXTRAS.items():
+        found = version(distribution)
+        state = found if found == "not installed" else f"{found} installed"
+        lines.append(f"  {name:12s} {state:18s} {enables}" + (f" ({install})" if found == "not installed" else ""))
     return lines
 
 

@@ -22,18 +22,21 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import checkpoint, config, files, methods, ops, tasks
+from sqdf_fast import checkpoint, cli, config, files, methods, ops, tasks, tracking
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora, load_adapter_state_dict
 from sqdf_fast.distributed import Context, launch, resolve_device, tensors_digest, to_device
 from sqdf_fast.export import save_diffusers_lora
@@ -165,22 +168,54 @@ def eval_row(step: int, metrics: dict) -> dict:
     return {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
 
 
-def save_samples(task: tasks.Task, images: Tensor, cfg: config.TrainConfig, path: Path) -> None:
+def save_samples(task: tasks.Task, images: Tensor, cfg: config.TrainConfig, path: Path,
+                 quiet: bool = False) -> Path | None:
     """The task's own plot of evaluation samples, or the first 8 of each condition, one row per condition; samples
-    that are not images (not (C, H, W) with 1 or 3 channels) and have no plot of their own are not drawn."""
+    that are not images (not (C, H, W) with 1 or 3 channels) and have no plot of their own are not drawn (None;
+    a note unless `quiet`). Returns the path written."""
     if task.plot_samples is not None:
         cond = task.eval_conditions(cfg.eval_per_class).to(images.device)
         task.plot_samples(images, cond, cfg.eval_per_class, path)
-        return
+        return path
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        tqdm.write(f"note: no {path.name}: task {task.name!r} has samples of shape {tuple(images.shape[1:])}, not "
-                   "images, and no plot_samples of its own")
-        return
+        if not quiet:
+            tqdm.write(f"note: no {path.name}: task {task.name!r} has samples of shape {tuple(images.shape[1:])}, "
+                       "not images, and no plot_samples of its own")
+        return None
     per_class = cfg.eval_per_class
     if images.shape[0] % per_class:   # a task whose evaluation conditions are not per_class of each class
         save_grid(images[:64], path, nrow=8)
-        return
+        return path
     save_grid(images.view(-1, per_class, *images.shape[1:])[:, :8].flatten(0, 1), path, nrow=8)
+    return path
+
+
+def samples_caption(task: tasks.Task, cfg: config.TrainConfig) -> str:
+    """What the evaluation grid shows: its rows' conditions (prompts, or classes)."""
+    if task.plot_samples is not None:
+        return f"{task.name}: the task's plot of its evaluation samples (same seeds at every evaluation)"
+    cond = task.eval_conditions(cfg.eval_per_class)
+    if cond.dim() != 1 or cond.is_floating_point() or cond.shape[0] % cfg.eval_per_class:
+        return f"{task.name}: evaluation samples (same seeds at every evaluation)"
+    rows = list(dict.fromkeys(cond.tolist()))
+    names = [task.prompts[c] if task.prompts is not None else f"class {c}" for c in rows]
+    return (f"{task.name}: the first {min(8, cfg.eval_per_class)} samples of each condition, in order, 8 to a row, "
+            "the same seeds at every evaluation; conditions: " + "; ".join(names))
+
+
+def track_samples(run: Run, images: Tensor, step: int, path: Path | None = None) -> None:
+    """The evaluation grid (the PNG at `path`, or one drawn to a temporary file) to the run's trackers, as the image
+    `eval/samples` at `step`, with its caption."""
+    if not run.tracker.active:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if path is None:
+            path = save_samples(run.task, images, run.cfg, Path(tmp) / "samples.png", quiet=True)
+        if path is None:
+            return
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    run.tracker.log_images(step, "eval/samples", pixels, samples_caption(run.task, run.cfg))
 
 
 def fmt(value: float) -> str:
@@ -211,6 +246,8 @@ class Run:
     metrics_file: IO | None = None                # rank 0's open metrics.jsonl
     extra: dict = field(default_factory=dict)     # a driving loop's own state (the black-box loop's round), saved
                                                   # in the checkpoint with the rest
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)   # rank 0's --log-to trackers
+    adapter_at_log: list[Tensor] | None = None    # the adapter at the last log row (its update goes to the trackers)
 
     @property
     def wall_s(self) -> float:
@@ -225,6 +262,7 @@ class Run:
                            "as null", file=sys.stderr)
             self.metrics_file.write(line + "\n")
             self.metrics_file.flush()
+        self.tracker.log_scalars(row["step"], tracking.row_scalars(row))
 
 
 def metrics_lines(rows: list[dict]) -> list[str]:
@@ -246,7 +284,7 @@ def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
         if found:   # e.g. only checkpoint.prev/ after a kill during the swap: the run's only checkpoint
             hint = (f"pass --resume {out} or choose another --out" if {"checkpoint", "checkpoint.prev"} & set(found)
                     else "it has no checkpoint to resume from: delete it or choose another --out")
-            raise ValueError(f"out={str(out)!r} already holds a run ({', '.join(found)}): {hint}")
+            raise cli.UsageError(f"out={str(out)!r} already holds a run ({', '.join(found)}): {hint}")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -256,10 +294,10 @@ def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
                                     f"resume={str(out)!r}")
     adapter, state = checkpoint.load(out)
     if state["world_size"] != world:
-        raise ValueError(f"resume={str(out)!r}: the checkpoint was written by {state['world_size']} process(es) and "
-                         f"this run has {world} (WORLD_SIZE): resume with {state['world_size']}, e.g. torchrun "
-                         f"--nproc_per_node {state['world_size']}, since each process's RNG and buffer shard are "
-                         "restored")
+        raise cli.UsageError(f"resume={str(out)!r}: the checkpoint was written by {state['world_size']} "
+                             f"process(es) and this run has {world} (WORLD_SIZE): resume with "
+                             f"{state['world_size']}, e.g. torchrun --nproc_per_node {state['world_size']}, since "
+                             "each process's RNG and buffer shard are restored")
     return adapter, state, read_metrics(out, state), changes
 
 
@@ -289,8 +327,8 @@ def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) 
     kernels, why = ops.backend_for(device)   # an impossible --kernels fails here, before any work
     # rank 0's name: the default one holds the time, which the ranks could read a second apart
     if resume is not None and cfg.out is not None and Path(cfg.out) != Path(resume):
-        raise ValueError(f"out={cfg.out!r}: a resumed run continues in its own folder ({resume}); copy the folder "
-                         "first to branch it")
+        raise cli.UsageError(f"out={cfg.out!r}: a resumed run continues in its own folder ({resume}); copy the "
+                             "folder first to branch it")
     out = Path(ctx.broadcast(resume or cfg.out or f"runs/{cfg.task.replace(':', '-')}-{cfg.method}-"
                                                   f"{time.strftime('%Y%m%d-%H%M%S')}"))
     saved = ctx.on_main(lambda: read_run(cfg, out, resume, ctx.world))
@@ -301,10 +339,15 @@ def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) 
     run = Run(cfg, ctx, out, task, schedule, method, params, make_optimizer(params, cfg, device),
               torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank)),
               Guard(device, cfg.max_nonfinite_steps, verbose=ctx.is_main), start)
-    if resume is not None:
-        restore(run, saved)
-    else:
-        evaluate_base(run)
+    try:
+        if resume is not None:
+            restore(run, saved)
+        open_tracker(run, resume is not None)
+        if resume is None:
+            evaluate_base(run)
+    except BaseException:
+        run.tracker.close()
+        raise
     if ctx.is_main:
         files.write_text_atomic(out / "metrics.jsonl", "".join(metrics_lines(run.rows)))
         run.metrics_file = open(out / "metrics.jsonl", "a")
@@ -338,6 +381,16 @@ def restore(run: Run, saved: tuple | None) -> None:
         print(f"resumed {run.out} at step {run.step}{changed}")
 
 
+def open_tracker(run: Run, resumed: bool) -> None:
+    """Rank 0's --log-to trackers (sqdf_fast.tracking), with the config; the adapter as the first update's start."""
+    if not run.ctx.is_main:
+        return
+    run.tracker = tracking.open_tracker(run.cfg.log_to, run.out, dataclasses.asdict(run.cfg), name=run.out.name,
+                                        group=run.cfg.log_group, resumed_at=run.step if resumed else None)
+    if run.tracker.active:
+        run.adapter_at_log = [p.detach().clone() for p in run.params]
+
+
 def evaluate_base(run: Run) -> None:
     """A new run: config.json, and the base model evaluated and drawn."""
     cfg, task, main = run.cfg, run.task, run.ctx.is_main
@@ -346,9 +399,10 @@ def evaluate_base(run: Run) -> None:
     run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, base=True)
     # fd is against real data where the task has it; only a task without it measures drift from the base
     run.base_features = None if task.real_features is not None else base_features
+    run.rows = []
+    run.write_row(eval_row(0, run.base))   # metrics.jsonl is (re)written from run.rows after build_run's checks
     if main:
-        save_samples(task, base_images, cfg, run.out / "samples_base.png")
-    run.rows = [eval_row(0, run.base)]
+        track_samples(run, base_images, 0, save_samples(task, base_images, cfg, run.out / "samples_base.png"))
 
 
 def config_text(cfg: config.TrainConfig) -> str:
@@ -402,6 +456,11 @@ def log_step(run: Run) -> dict:
     row = {"step": run.step, **means, "diversity": per_class_diversity(features, fresh_cond),
            "nonfinite_steps": run.guard.check(run.step), "wall_s": round(run.wall_s, 2)}
     run.write_row(row)
+    if run.tracker.active:   # the adapter's update since the last row: the norm of each LoRA tensor's change
+        norms = tracking.update_norms(run.params, run.adapter_at_log)
+        run.tracker.log_histogram(run.step, "adapter/update_norm", norms)
+        run.tracker.log_scalars(run.step, {"adapter/update_norm_total": float(norms.norm())})
+        run.adapter_at_log = [p.detach().clone() for p in run.params]
     if ctx.is_main:
         tqdm.write(f"step {run.step:4d}/{run.cfg.steps} | reward {fmt(row['reward'])} | kl_term "
                    f"{fmt(row['kl_term'])} | diversity {fmt(row['diversity'])} | loss {fmt(row['loss'])}")
@@ -443,8 +502,9 @@ def train_until(run: Run, last_step: int, save: bool = True, desc: str = "sqdf")
             row = log_step(run)
             bar.set_postfix(reward=fmt(row["reward"]), kl_term=fmt(row["kl_term"]))
         if cfg.eval_every and done % cfg.eval_every == 0 and done != last_step:
-            metrics, _, _ = evaluate(run.method, cfg, run.ctx, base_features=run.base_features)
+            metrics, images, _ = evaluate(run.method, cfg, run.ctx, base_features=run.base_features)
             run.write_row(eval_row(done, metrics))
+            track_samples(run, images, done)
         if save and (done % cfg.checkpoint_every == 0 or done == last_step):
             save_checkpoint(run)
     bar.close()
@@ -466,7 +526,9 @@ def finish(run: Run) -> dict:
         summary.update({f"{name}_base": base.get(name), f"{name}_final": final[name]})
     if main:
         run.metrics_file.close()
-        save_samples(run.task, final_images, cfg, run.out / "samples_final.png")
+        track_samples(run, final_images, run.step, save_samples(run.task, final_images, cfg,
+                                                                run.out / "samples_final.png"))
+        run.tracker.close()
         save_curves(run.rows, run.out / "curves.png", CURVES)
         text, replaced = files.dumps(summary, indent=1)
         if replaced:
@@ -489,24 +551,57 @@ def print_table(base: dict, final: dict, wall_s: float, out: Path) -> None:
 def train(cfg: config.TrainConfig, resume: str | None = None, ctx: Context | None = None) -> dict:
     """Build (or resume) the run, train it to cfg.steps, finish it; returns the summary."""
     run = build_run(cfg, ctx or Context(device=resolve_device(cfg.device)), resume)
-    train_until(run, cfg.steps)
-    return finish(run)
+    try:
+        train_until(run, cfg.steps)
+        return finish(run)
+    finally:
+        run.tracker.close()
 
 
 def run(cfg: config.TrainConfig, resume: str | None = None) -> dict:
-    """Train in this process: alone, or as one rank of a torchrun / accelerate launch (WORLD_SIZE > 1)."""
+    """Train in this process: alone, or as one rank of a torchrun / accelerate launch (WORLD_SIZE > 1). `cfg` is
+    validated first (ValueError naming the first impossible value); `resume`: the run directory to continue, whose
+    saved options `cfg` may change only where config.RESUMABLE allows. Returns the summary (summary.json)."""
+    config.validate(cfg)
     with launch(cfg.device) as ctx, ops.use_backend(cfg.kernels):
         if ctx.device.type == "cpu":
             keep_freed_cpu_memory()
         return train(cfg, resume, ctx)
 
 
+def resume(run_dir: str | Path, **changes) -> dict:
+    """Continue the run in `run_dir` from its checkpoint with its saved options, `changes` applied (only those in
+    config.RESUMABLE, e.g. steps=200 to train longer); returns the new summary."""
+    values = {**config.read_saved(Path(run_dir)), **changes, "out": str(run_dir)}
+    return run(config.from_dict(values, f"resume={str(run_dir)!r}"), resume=str(run_dir))
+
+
+@dataclass
+class Results:
+    """What a run directory holds, read back (`load_results`)."""
+    path: Path
+    config: config.TrainConfig
+    summary: dict | None        # summary.json; None while the run is unfinished
+    metrics: list[dict]         # metrics.jsonl's rows: logged steps, evaluations (eval_*), resumes
+
+    def curve(self, key: str) -> list[tuple[int, float | None]]:
+        """(step, value) of every row holding `key`, e.g. "reward" (logged steps) or "eval_fd" (evaluations)."""
+        return [(row["step"], row[key]) for row in self.metrics if key in row]
+
+
+def load_results(run_dir: str | Path) -> Results:
+    """A run directory's config, summary and metrics rows (a partial last line of a killed run is left out)."""
+    path = Path(run_dir)
+    cfg = config.from_dict(config.read_saved(path), str(path / "config.json"))
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
+    lines = (path / "metrics.jsonl").read_text().splitlines(keepends=True) if (path / "metrics.jsonl").is_file() else []
+    return Results(path, cfg, summary, [json.loads(line) for line in lines if line.endswith("\n")])
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg, resume = config.parse(argv)
-    try:
-        run(cfg, resume)
-    except (ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
+    cfg, resume_dir = config.parse(argv)   # a usage error exits 2
+    with cli.run_errors():
+        run(cfg, resume_dir)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_builtin_oracles_for_each_task():
 def test_impossible_budgets_and_options_are_refused_before_any_work(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:
         loop.parse(argv + ["--out", str(tmp_path / "run")])
-    assert message in str(stop.value.code)
+    assert message in str(stop.value) and stop.value.code == 2   # a usage error
     assert not (tmp_path / "run").exists()
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdf_fast import config, methods, ops, tasks
+from sqdf_fast import config, methods, ops, tasks, tracking
 from sqdf_fast.adapters import adapter_state_dict, add_policy_lora
 from sqdf_fast.distributed import Context, tensors_digest
 from sqdf_fast.metrics import per_class_diversity
@@ -181,7 +181,10 @@ def test_ranks_hold_identical_adapters(runs):
 def test_only_rank_0_writes(runs):
     """Ranks other than 0 ran under the no-writes hook (else the launch fails); one rank printed; rows once."""
     out = runs["a"] / "run"
-    assert {str(p.relative_to(out)) for p in out.rglob("*")} == RUN_FILES
+    files = {str(p.relative_to(out)) for p in out.rglob("*")}
+    assert {name for name in files if not name.startswith("tensorboard")} == RUN_FILES
+    if tracking.resolve("auto"):   # --log-to auto: rank 0's one TensorBoard writer
+        assert len([name for name in files if name.startswith("tensorboard/events.out.tfevents.")]) == 1
     assert [p.name for p in runs["a"].iterdir()] == ["run"]
     assert runs["entries"] == ["a", "b"]   # nothing else in the launch's working directory
     assert runs["stdout_a"].count("base model:") == 1 and runs["stdout_a"].count("step    4/4") == 1

@@ -124,3 +124,27 @@ def test_main_fine_tunes(ex, capsys):
     changed = any(not torch.equal(p, q) for p, q in zip(m["policy"].parameters(), m["reference"].parameters()))
     assert changed and m["path_kl_final"] > 0
     assert m["reward_final"] > m["reward_base"] + 1.0
+
+
+# ---- examples/python_api.py: the Python API (docs/api.md) ------------------------------------------------------
+def test_python_api_example_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("python_api", EXAMPLE.parent / "python_api.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "run"
+    result = example.main(["--steps", "2", "--out", str(out)])
+    assert (result["first"]["steps"], result["summary"]["steps"]) == (2, 4)
+    results = result["results"]
+    assert results.summary == result["summary"] and results.config.steps == 4   # the resume recorded its change
+    assert [step for step, _ in results.curve("reward")] == [2, 4]
+    assert [row for row in results.metrics if "resumed_with" in row] == [{"step": 2, "resumed_with":
+                                                                         {"steps": [2, 4]}}]
+    assert result["images"].shape == result["base_images"].shape == (20, 1, 16, 16)
+    assert not torch.equal(result["images"], result["base_images"]) and result["lora"] is None
+    assert (out / "more_samples.png").is_file()
+    assert "reward" in capsys.readouterr().out
+
+    # sample_run's defaults redraw the run's own final evaluation samples, bit for bit
+    from sqdf_fast import sample_run
+    sample_run(out, out=tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes() == (out / "samples_final.png").read_bytes()

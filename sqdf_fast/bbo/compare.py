@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sqdf_fast import config
+from sqdf_fast import cli, config
 from sqdf_fast.bbo import loop
 from sqdf_fast.compare import check_common, mean_std, parse_label, start_comparison
 from sqdf_fast.distributed import resolve_device
@@ -46,15 +46,19 @@ FINAL_METRICS = ("oracle_reward_final", "oracle_reward_max_final", "diversity_fi
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.bbo.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="digits")
+    parser = argparse.ArgumentParser(prog="python -m sqdf_fast.bbo.compare", description=__doc__.split("\n\n")[0],
+                                     epilog=cli.EPILOG)
+    parser.add_argument("--task", default="digits", help="task of every run (default digits)")
     parser.add_argument("--methods", default=DEFAULT_LABELS,
                         help=f"comma-separated labels: a method or a variant ({', '.join(VARIANTS)}), each "
                              f"optionally NAME@key=value... (default {DEFAULT_LABELS})")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per label (default 3)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training or black-box option for every run (repeatable)")
+    parser.add_argument("--log-to", metavar="TRACKERS",
+                        help="experiment trackers of every run, one tracker run per (label, seed): tensorboard, "
+                             "wandb, none, comma-separated (default: the trainer's, auto)")
     args = parser.parse_args(argv)
     args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     return check_common(parser, args)
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_configs(task: str, label: str, seed: int, overrides: dict, out: Path):
     name, own = parse_label(label)
     method, variant = VARIANTS.get(name, (name, {}))
-    values = {"task": task, "method": method, **variant, **overrides, **own, "seed": seed,
+    values = {"task": task, "method": method, "log_group": out.name, **variant, **overrides, **own, "seed": seed,
               "out": str(out / "runs" / f"{label}-seed{seed}"), "progress": False}
     train, cfg = loop.configs_from(values, f"{label} (seed {seed})")
     loop.validate(cfg, train)
@@ -152,9 +156,10 @@ def plot_curves(path: Path, rows: list[dict], labels: list[str], task: str) -> N
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     command = "python -m sqdf_fast.bbo.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    results, rows, done, configs = start_comparison(
-        args.out, args.labels, args.seeds, lambda label, seed: run_configs(args.task, label, seed, args.overrides,
-                                                                           args.out))
+    with cli.run_errors():   # a bad run configuration exits 2 before any run
+        results, rows, done, configs = start_comparison(
+            args.out, args.labels, args.seeds, lambda label, seed: run_configs(args.task, label, seed, args.overrides,
+                                                                               args.out))
     for i, ((label, seed), (train, cfg)) in enumerate(configs.items(), 1):
         if (label, seed) in done:
             continue

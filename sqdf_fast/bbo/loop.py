@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from sqdf_fast import config, ops
+from sqdf_fast import cli, config, ops, tracking
 from sqdf_fast.adapters import add_frozen_copy, copy_policy_into
 from sqdf_fast.bbo.oracles import BUILTIN_ORACLES, Oracle, build_oracle
 from sqdf_fast.bbo.proxy import (
@@ -59,7 +58,16 @@ from sqdf_fast.files import dumps, write_atomic, write_text_atomic
 from sqdf_fast.memory import keep_freed_cpu_memory
 from sqdf_fast.rollout import rollout
 from sqdf_fast.tasks import load_callable
-from sqdf_fast.train import EVAL_METRICS, Run, build_run, evaluate, save_checkpoint, save_samples, train_until
+from sqdf_fast.train import (
+    EVAL_METRICS,
+    Run,
+    build_run,
+    evaluate,
+    save_checkpoint,
+    save_samples,
+    track_samples,
+    train_until,
+)
 
 PREVIOUS = "previous"   # the frozen adapter holding the previous round's policy (--kl-to previous)
 QUERIES = "queries.safetensors"
@@ -199,9 +207,9 @@ def configs_from(values: dict, source: str) -> tuple[TrainConfig, BBOConfig]:
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, BBOConfig, str | None]:
     """Defaults < --config file (or the resumed run's config.json) < command line, as the trainer's; --steps is
-    refused (rounds x steps_per_round). Exits with one line on error."""
+    refused (rounds x steps_per_round). A bad option or value exits 2 with one line (sqdf_fast.cli)."""
     args = vars(build_parser().parse_args(argv))
-    try:
+    with cli.usage_errors():
         resumed = "resume" in args
         values, resume, source = config.layered_values(args)
         if "steps" in args or ("steps" in values and not resumed):   # a resumed config.json holds the derived value
@@ -210,8 +218,6 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, BBOConfig, str | 
         train, bbo = configs_from(values, source)
         validate(bbo, train)   # first: the budget sets train.steps
         config.validate(train)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     return train, bbo, resume
 
 
@@ -446,9 +452,11 @@ class BlackBox:
                "wall_s": round(run.wall_s, 2)}
         self.rows.append(row)
         self.done = round_
+        run.tracker.log_scalars(run.step, tracking.row_scalars(row, "bbo"))
         if run.ctx.is_main:
             write_text_atomic(run.out / ROUNDS, "".join(dumps(r)[0] + "\n" for r in self.rows))
-            save_samples(self.task, images, run.cfg, run.out / f"samples_round{round_}.png")
+            track_samples(run, images, run.step, save_samples(self.task, images, run.cfg,
+                                                              run.out / f"samples_round{round_}.png"))
             plot_oracle_curve(self.rows, run.out / "oracle_curve.png", f"{run.task.name}: {self.oracle.name}")
             tqdm.write(round_line(row, sum(times.values())))
         self.save()
@@ -466,6 +474,7 @@ class BlackBox:
         summary.update({f"{k}_final": last[k] for k in self.target_metrics})   # where the task knows p*
         if self.run.ctx.is_main:
             self.run.metrics_file.close()
+            self.run.tracker.close()
             write_text_atomic(self.run.out / "summary.json", dumps(summary, indent=1)[0])
             print(f"oracle reward {summary['oracle_reward_base']:.4g} (base) -> {summary['oracle_reward_final']:.4g} "
                   f"after {summary['queries']} queries | diversity {summary['diversity_base']:.4g} -> "
@@ -526,18 +535,20 @@ def optimise(train: TrainConfig, cfg: BBOConfig, resume: str | None = None) -> d
         if ctx.device.type == "cpu":
             keep_freed_cpu_memory()
         run = build_run(train, ctx, resume)
-        oracle = build_oracle(cfg.oracle, run.task, cfg.oracle_batch, cfg.drop_nonfinite_labels)
-        loop = BlackBox(run, cfg, oracle)
-        if resume is not None:
-            loop.restore()
-        write_text_atomic(run.out / "config.json", json.dumps({**dataclasses.asdict(train),
-                                                               **dataclasses.asdict(cfg)}, indent=1))
-        return loop.run_rounds()
+        try:
+            oracle = build_oracle(cfg.oracle, run.task, cfg.oracle_batch, cfg.drop_nonfinite_labels)
+            loop = BlackBox(run, cfg, oracle)
+            if resume is not None:
+                loop.restore()
+            write_text_atomic(run.out / "config.json", json.dumps({**dataclasses.asdict(train),
+                                                                   **dataclasses.asdict(cfg)}, indent=1))
+            run.tracker.log_config(dataclasses.asdict(cfg))   # the loop's own options beside the trainer's
+            return loop.run_rounds()
+        finally:
+            run.tracker.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    train, cfg, resume = parse(argv)
-    try:
+    train, cfg, resume = parse(argv)   # a usage error exits 2
+    with cli.run_errors():
         optimise(train, cfg, resume)
-    except (ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
