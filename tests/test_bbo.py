@@ -112,8 +112,8 @@ def test_compactness_is_the_share_of_ink_in_the_centre():
 
 
 def _oracle(name: str, drop: bool = False) -> oracles.Oracle:
-    return oracles.Oracle(name, oracles.load_callable(f"bbo_oracles:{name}", "oracle"), batch_size=4,
-                          images_01=False, drop_nonfinite=drop)
+    return oracles.Oracle(name, oracles.load_callable(f"bbo_oracles:{name}", "oracle", ("images", "cond")),
+                          batch_size=4, images_01=False, drop_nonfinite=drop)
 
 
 @pytest.fixture
