@@ -188,8 +188,8 @@ def posterior_bridge(x0_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Te
     """A sample of (an approximation of) p(x0 | x_t = x): m = len(noise) stochastic steps t = s_0 > s_1 > ... > s_m,
     s_k = floor(s_{k-1} (m + 1 - k) / (m + 1)) (each step keeps the fraction (m + 1 - k) / (m + 1) of the timestep
     left, so the steps get finer toward 0, where the modes separate: m = 2 gives t, 2t/3, 2t/9), then the one-step
-    estimate x0_fn(x_{s_m}, s_m). Each step is the ancestral
-    DDIM step (eta = 1) with x0_hat = x0_fn(x_s, s) and eps_hat = (x_s - sqrt(a) x0_hat) / sqrt(1 - a):
+    estimate x0_fn(x_{s_m}, s_m). Each step is the ancestral DDIM step (eta = 1) with x0_hat = x0_fn(x_s, s) and
+    eps_hat = (x_s - sqrt(a) x0_hat) / sqrt(1 - a), a = abar(s), a' = abar(s'):
 
         x_s' = sqrt(a') x0_hat + sqrt(1 - a' - v) eps_hat + sqrt(v) z,    v = (1 - a') / (1 - a) (1 - a / a')
 
