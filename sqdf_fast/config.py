@@ -131,8 +131,10 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # options only some built-in tasks read: given to another built-in task they would be silently ignored, so refused
-TASK_OPTIONS = {"model": ("digits", "sd"), "prompts": ("sd", "sd-random"), "resolution": ("sd", "sd-random"),
-                "weights_dtype": ("sd", "sd-random"), "consistency": ("sd", "sd-random")}
+# (sd-random reads --model only to refuse it with its own reason)
+TASK_OPTIONS = {"model": ("digits", "sd", "sd-random"), "prompts": ("sd", "sd-random"),
+                "resolution": ("sd", "sd-random"), "weights_dtype": ("sd", "sd-random"),
+                "consistency": ("sd", "sd-random")}
 # The options a resume may change, with their effect; every other option is refused on resume (the checkpoint's
 # adapter, optimizer state, replay buffer and base evaluation were made under the saved values).
 RESUMABLE = {

@@ -25,7 +25,7 @@ from sqdf_fast.consistency import ConsistencyModel, boundary_scalings
 from sqdf_fast.memory import Checkpointed, parameter_bytes, saved_tensor_bytes
 from sqdf_fast.methods.sqdf import SQDF
 from sqdf_fast.schedule import DDIMSchedule
-from sqdf_fast.tasks import sd
+from sqdf_fast.tasks import CheckedReward, sd
 from sqdf_fast.train import run
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
@@ -302,7 +302,8 @@ def test_build_puts_a_named_reward_under_the_tasks_checkpointing_switch(tiny):
         cfg = tiny_sd_config(tiny[0], "unused", reward="rewards_for_tests:image_mean", checkpoint_reward=on)
         task = tasks.build(cfg, torch.device("cpu"))
         assert isinstance(task.reward, Checkpointed) and task.reward.enabled is on
-        assert task.reward.fn is rewards_for_tests.image_mean
+        # the user's reward, checked at each call, inside the switch
+        assert isinstance(task.reward.fn, CheckedReward) and task.reward.fn.fn is rewards_for_tests.image_mean
 
 
 def test_saved_tensor_bytes_counts_distinct_storages():
