@@ -201,3 +201,31 @@ def test_config_validation_names_the_bad_value(values, message):
     if "q_sampler" not in values:   # (argparse itself refuses a bad choice)
         with pytest.raises(SystemExit, match=message.split(":")[0]):
             config.parse([f"--{k.replace('_', '-')}={v}" for k, v in values.items()])
+
+
+# ---- the digits target metrics --------------------------------------------------------------------------------
+def test_weighted_distances_reduce_to_the_unweighted_and_the_tilted_target_prefers_tilted_samples():
+    from sqdf_fast.metrics import effective_sample_size, energy_distance, frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
+    equal = torch.full((50,), 3.0, dtype=torch.float64)
+    assert frechet_distance(a, b, equal) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    assert energy_distance(a, b, equal) == pytest.approx(energy_distance(a, b), rel=1e-9)
+    assert effective_sample_size(equal) == pytest.approx(50)
+    # real digits as features (a fixed 8-d projection of the pixels), real rewards = ink; a tilted resample of the
+    # real set is nearer the tilted target than the real set itself, and the untilted limit is plain fd
+    images, labels = digits.load_data()
+    features = images.flatten(1) @ torch.randn(256, 8, generator=g)
+    rewards = images.flatten(1).mean(1)
+    alpha = 0.02
+    weights = torch.cat([torch.softmax(rewards[labels == c] / alpha, 0) for c in range(10)])
+    order = torch.cat([torch.nonzero(labels == c).squeeze(1) for c in range(10)])
+    picks = torch.multinomial(weights * 0.1, 600, replacement=True, generator=g)   # tilted, every class
+    tilted = digits.tilted_target_metrics(features[order][picks], labels[order][picks], features, labels, rewards,
+                                          alpha)
+    plain = digits.tilted_target_metrics(features, labels, features, labels, rewards, alpha)
+    assert tilted["dist_to_target"] < 0.5 * plain["dist_to_target"]
+    assert tilted["fd_to_target"] < 0.5 * plain["fd_to_target"]
+    assert 1 < plain["target_ess"] < 180 and plain["target_reward"] > float(rewards.mean())
+    flat = digits.tilted_target_metrics(features, labels, features, labels, rewards, 1e6)
+    assert abs(flat["fd_to_target"]) < 1e-6   # equal weights: the real set against itself
