@@ -7,8 +7,8 @@ Each (method, seed) is one `sqdf_fast.train` run (its run directory under OUT/ru
 method's own defaults below, then the --set overrides. Writes, and rewrites after every run:
 
     OUT/results.json   a list of rows: method, seed, reward, diversity, fd, path_kl, the task's target metrics
-                       (dist_to_target, mode_weight_error, mode_coverage where the target is known), wall_s,
-                       and the base model's values as base_<metric>
+                       (dist_to_target, fd_to_target, mode_weight_error, mode_coverage where the task has a
+                       target), wall_s, and the base model's values as base_<metric>
     OUT/report.md      the command, the machine, and a table of mean +- standard deviation over seeds; a run
                        that fails (e.g. stopped by the non-finite guard after diverging) is recorded as failed
                        and the comparison goes on
@@ -57,7 +57,8 @@ VARIANTS = {
     "sqdf-no-buffer": ("sqdf", {"buffer": False}),
 }
 ABLATIONS = ("sqdf-no-discount", "sqdf-no-cm", "sqdf-no-buffer")
-TARGET_METRICS = ("dist_to_target", "mode_weight_error", "mode_coverage")
+# the tasks' target metrics: gmm2d's exact p*, digits' KL-tilted real digits (fd_to_target: Frechet distance to it)
+TARGET_METRICS = ("dist_to_target", "fd_to_target", "mode_weight_error", "mode_coverage")
 
 
 def parse_value(text: str):
@@ -222,7 +223,12 @@ def write_report(path: Path, table: list[dict], failures: list[dict], command: s
     columns = [c for c in METRICS + TARGET_METRICS + ("wall_s",) if any(c in entry for entry in table)]
     legend = ("Mean +- standard deviation over seeds. reward, diversity and fd are the trainer's final evaluation "
               "(fixed seeds); path_kl is the path KL to the base model in nats.")
-    if "dist_to_target" in columns:
+    if "fd_to_target" in columns:
+        legend += (" dist_to_target (energy distance) and fd_to_target (Frechet distance) compare the samples' "
+                   "evaluator features with the KL-tilted target at the pinned target_alpha, the real digits of each "
+                   "class weighted by exp(r / alpha) (lower is better: a natural tilt is near it, over-optimisation "
+                   "far from it).")
+    elif "dist_to_target" in columns:
         legend += (" The target metrics compare the samples with the exact KL-tilted target p* at the pinned "
                    "target_alpha (lower dist_to_target and mode_weight_error are better, mode_coverage 1 is every "
                    "target mode found).")

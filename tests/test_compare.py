@@ -23,7 +23,9 @@ def test_tiny_comparison_writes_rows_report_and_plot(tmp_path, capsys):
     assert "| base model | 2 |" in report and "| sqdf-no-discount | 2 |" in report
     assert "## At matched reward" in report and "(sqdf, sqdf@alpha=0.5)" in report.replace("sqdf@alpha=0.5, sqdf",
                                                                                           "sqdf, sqdf@alpha=0.5")
-    assert "dist_to_target" in report   # digits: against the KL-tilted real digits (sqdf_fast/tasks/digits.py)
+    # digits: against the KL-tilted real digits (sqdf_fast/tasks/digits.py), said so in the legend
+    assert "fd_to_target" in report and "the real digits of each class weighted by exp(r / alpha)" in report
+    assert all("fd_to_target" in row for row in rows)
     assert (out / "pareto.png").stat().st_size > 0
     # the variant and the sweep point really ran with their options
     assert json.loads((out / "runs" / "sqdf-no-discount-seed0" / "config.json").read_text())["gamma"] == 1.0
