@@ -77,24 +77,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated methods ({', '.join(METHODS)}) or variants ({', '.join(VARIANTS)}), "
                              "each optionally with options of its own: name@key=value (default: every method)")
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training option for every run (repeatable), e.g. --set steps=40")
-    parser.add_argument("--log-to", metavar="TRACKERS",
-                        help="experiment trackers of every run, one tracker run per (method, seed): tensorboard, "
-                             "wandb, none, comma-separated (default: the trainer's, auto)")
-    args = parser.parse_args(argv)
-    args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.labels:
-        parser.error(f"--methods {args.methods!r}: names no method")
+    add_common_options(parser, "method", "a training option for every run (repeatable), e.g. --set steps=40")
+    args = check_common(parser, parser.parse_args(argv))
     if args.ablations:
         args.labels += [label for label in ablation_labels(args.task) if label not in args.labels]
-    return check_common(parser, args)
+    return args
+
+
+def add_common_options(parser: argparse.ArgumentParser, unit: str, set_help: str) -> None:
+    """--seeds, --out, --set and --log-to, shared with sqdf_fast.bbo.compare (`unit`: what --methods lists)."""
+    parser.add_argument("--seeds", type=int, default=3, help=f"seeds 0..N-1 per {unit} (default 3)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--log-to", metavar="TRACKERS",
+                        help=f"experiment trackers of every run, one tracker run per ({unit}, seed): tensorboard, "
+                             "wandb, none, comma-separated (default: the trainer's, auto)")
 
 
 def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """--set KEY=VALUE items into args.overrides, and --seeds checked (shared with sqdf_fast.bbo.compare)."""
+    """--methods into args.labels, --set KEY=VALUE items (and --log-to) into args.overrides, --seeds and --out
+    checked (shared with sqdf_fast.bbo.compare)."""
+    args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.labels:
+        parser.error(f"--methods {args.methods!r}: names no method")
     args.overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")

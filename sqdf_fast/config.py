@@ -375,10 +375,11 @@ def add_options(parser: argparse.ArgumentParser, fields: dict[str, dataclasses.F
         group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata['help']}" + ("" if f.default is None else f" (default: {f.default})")
-        if f.type in ("bool", bool):
+        types = field_types(f)
+        if "bool" in types:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
+            kind = int if "int" in types else float if "float" in types else str
             metavar = f.metadata.get("metavar") or (None if f.metadata["choices"] else
                                                      {int: "N", float: "X"}.get(kind, name.upper()))
             group.add_argument(flag, type=kind, choices=f.metadata["choices"], metavar=metavar, help=help_text)

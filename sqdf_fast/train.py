@@ -241,7 +241,8 @@ class Run:
     wall_before: float = 0.0                      # wall seconds of the run before a resume
     base: dict = field(default_factory=dict)      # the base model's evaluation
     base_features: dict | None = None             # its features, where fd measures the drift from it
-    rows: list[dict] = field(default_factory=list)      # metrics.jsonl
+    rows: list[dict] = field(default_factory=list)      # metrics.jsonl's rows
+    lines: list[str] = field(default_factory=list)      # and its lines, as written (a checkpoint records their digest)
     window: list[dict] = field(default_factory=list)    # per-step device metrics not yet logged
     metrics_file: IO | None = None                # rank 0's open metrics.jsonl
     extra: dict = field(default_factory=dict)     # a driving loop's own state (the black-box loop's round), saved
@@ -254,20 +255,16 @@ class Run:
         return self.wall_before + time.time() - self.start
 
     def write_row(self, row: dict) -> None:
+        line, replaced = files.dumps(row)
+        if replaced and self.ctx.is_main:
+            tqdm.write(f"warning: metrics.jsonl, step {row['step']}: {', '.join(replaced)} not finite, written as "
+                       "null", file=sys.stderr)
         self.rows.append(row)
+        self.lines.append(line + "\n")
         if self.metrics_file is not None:
-            line, replaced = files.dumps(row)
-            if replaced:
-                tqdm.write(f"warning: metrics.jsonl, step {row['step']}: {', '.join(replaced)} not finite, written "
-                           "as null", file=sys.stderr)
             self.metrics_file.write(line + "\n")
             self.metrics_file.flush()
         self.tracker.log_scalars(row["step"], tracking.row_scalars(row))
-
-
-def metrics_lines(rows: list[dict]) -> list[str]:
-    """metrics.jsonl's lines for `rows`, as `Run.write_row` writes them."""
-    return [files.dumps(row)[0] + "\n" for row in rows]
 
 
 def lines_digest(lines: list[str]) -> str:
@@ -275,9 +272,9 @@ def lines_digest(lines: list[str]) -> str:
 
 
 def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
-             world: int) -> tuple[dict, dict, list[dict], dict] | None:
+             world: int) -> tuple[dict, dict, list[str], dict] | None:
     """Rank 0's checks and reads before any work: None for a new run (refusing to overwrite one), else the
-    checkpoint's (adapter, state), the metrics rows it was written after (checked against its digest) and the
+    checkpoint's (adapter, state), the metrics lines it was written after (checked against its digest) and the
     options this resume changes ({name: [saved, new]}; config.RESUMABLE)."""
     if resume is None:
         found = [name for name in RUN_FILES if (out / name).exists()]
@@ -301,9 +298,9 @@ def read_run(cfg: config.TrainConfig, out: Path, resume: str | None,
     return adapter, state, read_metrics(out, state), changes
 
 
-def read_metrics(out: Path, state: dict) -> list[dict]:
-    """The metrics rows written before the checkpoint `state` (those after it are dropped): exactly as many as it
-    counted, matching its digest; ValueError when metrics.jsonl lost or changed any of them."""
+def read_metrics(out: Path, state: dict) -> list[str]:
+    """The metrics.jsonl lines written before the checkpoint `state` (those after it are dropped): exactly as many
+    as it counted, matching its digest; ValueError when metrics.jsonl lost or changed any of them."""
     path, count, what = out / "metrics.jsonl", state["metrics_rows"], f"resume={str(out)!r}"
     if not path.is_file():
         raise ValueError(f"{what}: no metrics.jsonl there (the checkpoint at step {state['step']} follows {count} "
@@ -316,7 +313,7 @@ def read_metrics(out: Path, state: dict) -> list[dict]:
     if lines_digest(lines) != state["metrics_digest"]:
         raise ValueError(f"{what}: the first {count} rows of metrics.jsonl differ from those the checkpoint at step "
                          f"{state['step']} was written after (the file changed since)")
-    return [json.loads(line) for line in lines]   # as written: the digest matched
+    return lines
 
 
 def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) -> Run:
@@ -349,7 +346,7 @@ def build_run(cfg: config.TrainConfig, ctx: Context, resume: str | None = None) 
         run.tracker.close()
         raise
     if ctx.is_main:
-        files.write_text_atomic(out / "metrics.jsonl", "".join(metrics_lines(run.rows)))
+        files.write_text_atomic(out / "metrics.jsonl", "".join(run.lines))
         run.metrics_file = open(out / "metrics.jsonl", "a")
         if resume is not None and saved[3]:   # what this resume changed, in the run's own record
             files.write_text_atomic(out / "config.json", config_text(cfg))
@@ -362,7 +359,7 @@ def restore(run: Run, saved: tuple | None) -> None:
     """The checkpoint's adapter, optimizer, guard and step, and this rank's own RNG, method state (replay buffer
     shard, last samples) and log window. One checkpoint holds the shared state once and each rank's own apart."""
     ctx, main = run.ctx, run.ctx.is_main
-    adapter, state, rows, changes = saved if main else (None, None, [], {})
+    adapter, state, lines, changes = saved if main else (None, None, [], {})
     own = ctx.scatter(state["ranks"] if main else None)
     adapter, state = ctx.broadcast((adapter, {k: v for k, v in state.items() if k != "ranks"} if main else None))
     adapter, state, own = to_device((adapter, state, own), ctx.device)
@@ -375,7 +372,8 @@ def restore(run: Run, saved: tuple | None) -> None:
     run.guard.load_state_dict(state["guard"])
     run.step, run.base, run.wall_before = state["step"], state["base_metrics"], state["wall_s"]
     run.base_features, run.extra = state["base_features"], state.get("extra", {})
-    run.window, run.rows = own["window"], rows
+    run.window, run.lines = own["window"], lines
+    run.rows = [json.loads(line) for line in lines]   # as written: the digest matched
     if main:
         changed = "".join(f" | {name} {old} -> {new}" for name, (old, new) in changes.items())
         print(f"resumed {run.out} at step {run.step}{changed}")
@@ -399,8 +397,8 @@ def evaluate_base(run: Run) -> None:
     run.base, base_images, base_features = evaluate(run.method, cfg, run.ctx, base=True)
     # fd is against real data where the task has it; only a task without it measures drift from the base
     run.base_features = None if task.real_features is not None else base_features
-    run.rows = []
-    run.write_row(eval_row(0, run.base))   # metrics.jsonl is (re)written from run.rows after build_run's checks
+    run.rows, run.lines = [], []
+    run.write_row(eval_row(0, run.base))   # metrics.jsonl is (re)written from run.lines after build_run's checks
     if main:
         track_samples(run, base_images, 0, save_samples(task, base_images, cfg, run.out / "samples_base.png"))
 
@@ -480,9 +478,9 @@ def save_checkpoint(run: Run) -> None:
                            "training lost sync; stopped, the last checkpoint is kept")
     ranks = ctx.gather(own)
     if ctx.is_main:
-        lines = metrics_lines(run.rows)   # what metrics.jsonl holds now: a resume checks it still does
         state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "base_metrics": run.base,
-                 "metrics_rows": len(lines), "metrics_digest": lines_digest(lines),
+                 # what metrics.jsonl holds now: a resume checks it still does
+                 "metrics_rows": len(run.lines), "metrics_digest": lines_digest(run.lines),
                  "guard": run.guard.state_dict(), "base_features": run.base_features, "wall_s": run.wall_s,
                  "world_size": ctx.world, "ranks": ranks, "extra": run.extra}
         checkpoint.save(run.out, adapter, state)

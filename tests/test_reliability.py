@@ -247,6 +247,10 @@ def test_other_commands_end_in_one_line(finished, tmp_path, capsys):
     line = exits_with_one_error_line(lambda: compare.main(["--out", str(tmp_path / "cmp"), "--methods", "sqdf",
                                                            "--seeds", "1", "--set", "steps=many"]), capsys)
     assert "--set: steps='many' must be an integer, got a JSON string" in line
+    from sqdf_fast.bbo import compare as bbo_compare
+    line = exits_with_one_error_line(lambda: bbo_compare.main(["--out", str(tmp_path / "bbo"), "--methods", ","]),
+                                     capsys)
+    assert "--methods ',': names no method" in line
 
 
 def test_samples_that_are_not_images_run_to_the_end_without_a_grid(tmp_path, capsys, one_thread):

@@ -31,7 +31,7 @@ import torch
 
 from sqdf_fast import cli, config
 from sqdf_fast.bbo import loop
-from sqdf_fast.compare import check_common, mean_std, parse_label, start_comparison
+from sqdf_fast.compare import add_common_options, check_common, mean_std, parse_label, start_comparison
 from sqdf_fast.distributed import resolve_device
 from sqdf_fast.files import dumps, write_text_atomic
 from sqdf_fast.info import device_name
@@ -52,16 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=DEFAULT_LABELS,
                         help=f"comma-separated labels: a method or a variant ({', '.join(VARIANTS)}), each "
                              f"optionally NAME@key=value... (default {DEFAULT_LABELS})")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per label (default 3)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training or black-box option for every run (repeatable)")
-    parser.add_argument("--log-to", metavar="TRACKERS",
-                        help="experiment trackers of every run, one tracker run per (label, seed): tensorboard, "
-                             "wandb, none, comma-separated (default: the trainer's, auto)")
-    args = parser.parse_args(argv)
-    args.labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    return check_common(parser, args)
+    add_common_options(parser, "label", "a training or black-box option for every run (repeatable)")
+    return check_common(parser, parser.parse_args(argv))
 
 
 def run_configs(task: str, label: str, seed: int, overrides: dict, out: Path):
